@@ -1,0 +1,58 @@
+"""The bundled benchmark, ready for a run: splits, the tokenizer (saved in the workdir, so the
+export and a resumed run use the same vocabulary) and token ids of every caption."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import ml_collections
+import numpy as np
+import tokenizers
+
+from jaxdistill.data.compositional import CompositionalSplit, build_benchmark
+from jaxdistill.data.fashion_mnist import load_fashion_mnist
+from jaxdistill.data.tokenizer import build_tokenizer, encode, load_tokenizer, save_tokenizer
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Benchmark:
+  """splits: train / val / test. tokens[split] = (ids int32 [N,5,L], mask int32 [N,5,L]).
+  probe_tokens[split] = (true_ids, true_mask, false_ids, false_mask), each int32 [N,L]."""
+  splits: dict[str, CompositionalSplit]
+  tokenizer: tokenizers.Tokenizer
+  tokens: dict[str, tuple[np.ndarray, np.ndarray]]
+  probe_tokens: dict[str, tuple[np.ndarray, ...]]
+
+  @property
+  def vocab_size(self) -> int:
+    return self.tokenizer.get_vocab_size()
+
+
+def prepare_benchmark(config: ml_collections.ConfigDict, workdir: str | None) -> Benchmark:
+  """Generates the splits from config.data, and loads (or builds and saves) the tokenizer."""
+  d = config.data
+  fmnist = load_fashion_mnist(d.fashion_mnist_dir or None)
+  splits = build_benchmark(fmnist, seed=d.seed, num_train=d.num_train, num_val=d.num_val,
+                           num_test=d.num_test, group_size=d.group_size,
+                           swap_fraction=d.swap_fraction)
+  path = os.path.join(workdir, TOKENIZER_FILE) if workdir else None
+  if path and os.path.exists(path):
+    tokenizer = load_tokenizer(path)
+  else:
+    train = splits["train"]
+    texts = [c for caps in train.captions for c in caps] + list(train.probe_false)
+    tokenizer = build_tokenizer(texts, vocab_size=d.vocab_size)
+    if path:
+      save_tokenizer(tokenizer, path)
+  max_len = config.model.max_len
+  tokens, probe_tokens = {}, {}
+  for name, split in splits.items():
+    n, per_image = len(split.captions), len(split.captions[0])
+    ids, mask = encode(tokenizer, [c for caps in split.captions for c in caps], max_len)
+    tokens[name] = (ids.reshape(n, per_image, max_len), mask.reshape(n, per_image, max_len))
+    probe_tokens[name] = (*encode(tokenizer, list(split.probe_true), max_len),
+                          *encode(tokenizer, list(split.probe_false), max_len))
+  return Benchmark(splits=splits, tokenizer=tokenizer, tokens=tokens, probe_tokens=probe_tokens)

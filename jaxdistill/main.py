@@ -1,0 +1,91 @@
+"""Command line: `python -m jaxdistill.main --config=configs/loopitr.py --workdir=runs/loopitr`.
+
+Modes: train (default; resumes from the workdir's latest checkpoint, evaluates at the end),
+eval (re-evaluates the workdir's latest checkpoint). Config overrides use ml_collections
+syntax, e.g. `--config.batch_size=64 --config.loopitr.num_negatives=1`.
+Every config problem is reported in one line, before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe config file, e.g. configs/loopitr.py[:preset].")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, eval.json, tokenizer.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to do with the workdir.")
+
+
+def _fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _load_config_file(argv: list[str]):
+  """The config named by --config=PATH[:preset], loaded without applying overrides."""
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if spec is None:
+    return None
+  path, _, preset = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("_jaxdistill_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(preset) if preset else module.get_config()
+
+
+def _unknown_override(config, argv: list[str]) -> str | None:
+  """The first --config.KEY override whose KEY is not in the config, with a suggestion."""
+  from jaxdistill.config import suggest_key
+  for arg in argv:
+    if not arg.startswith("--config."):
+      continue
+    key = arg[len("--config."):].split("=", 1)[0]
+    node = config
+    for part in key.split("."):
+      if not hasattr(node, "keys") or part not in node.keys():
+        return f"unknown config key --config.{key}: {suggest_key(config, key)}"
+      node = node[part]
+  return None
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing that turns a bad --config file or override into one clear line."""
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # noqa: BLE001 - any parse failure becomes one line, not a traceback
+    try:
+      config = _load_config_file(argv)
+    except Exception as load_error:  # noqa: BLE001
+      _fail(f"cannot load --config: {load_error}")
+    message = _unknown_override(config, argv) if config is not None else None
+    _fail(message or str(e).replace("\\n", " ").strip("'\" "))
+  return []
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  from jaxdistill.config import ConfigError, validate
+  config = _CONFIG.value
+  if config is None:
+    _fail("--config is required, e.g. --config=configs/loopitr.py")
+  if not _WORKDIR.value:
+    _fail("--workdir is required, e.g. --workdir=runs/loopitr")
+  import jax
+  try:
+    validate(config, jax.device_count())
+    from jaxdistill.data.fashion_mnist import validate_fashion_mnist_dir
+    validate_fashion_mnist_dir(config.data.fashion_mnist_dir or None)
+  except (ConfigError, FileNotFoundError) as e:
+    _fail(str(e))
+  from jaxdistill.train import loop
+  if _MODE.value == "train":
+    loop.train_and_evaluate(config, _WORKDIR.value)
+  else:
+    loop.evaluate_workdir(config, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=_parse_flags)

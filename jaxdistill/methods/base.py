@@ -1,0 +1,34 @@
+"""What every recipe hands the trainer: a model, its params, one pure loss and the eval towers."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+
+# (params, teacher_params, batch, step) -> (loss scalar, metrics dict of scalars)
+LossFn = Callable[[Any, Any, dict, jax.Array], tuple[jax.Array, dict]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  """A paper recipe, ready for `train.step.make_train_step` and `evaluate.run`.
+
+  embed_image(params, images [B,H,W,C]) -> (emb [B,E] L2-normalised, tokens [B,M,D])
+  embed_text(params, ids [B,L], mask [B,L]) -> (emb [B,E], tokens [B,L,D])
+  match_scores(params, image_tokens [P,M,D], text_tokens [P,L,D], text_mask [P,L]) -> [P]
+    (cross encoder's positive-class logit), or None for recipes without a cross encoder.
+  teacher_params: frozen params of an offline teacher, or None.
+  ema_momentum: > 0 when the recipe keeps an EMA of its params in the TrainState.
+  """
+  name: str
+  model: nn.Module
+  init_params: Callable[[jax.Array], Any]
+  loss_fn: LossFn
+  embed_image: Callable
+  embed_text: Callable
+  match_scores: Callable | None
+  teacher_params: Any = None
+  ema_momentum: float = 0.0

@@ -1,0 +1,205 @@
+"""LoopITR (J. Lei et al., paper 003): dual + cross encoder in one network, with the cross
+encoder's matching scores distilled online into the dual encoder.
+
+Per step (§3, Fig. 3): ITC over all devices' negatives (eq. 2-3); for each image m text
+negatives and for each text m image negatives, chosen from the ITC similarities (hard) or at
+random (Table 2); the cross encoder scores the positives and these negatives; ITM on the
+positives and one negative per direction (eq. 4); distillation of the cross encoder's
+positive-class scores into the dual encoder's scores over the m+1 candidates (eq. 5-7);
+MLM on the cross encoder; L = L_itc + L_itm + L_mlm + w * L_distill (eq. 8), w warmed up
+linearly from 0 to 1 over the first epoch (§4.1).
+
+Teachers (Table 5): online (the same forward, under stop-grad), momentum (EMA of the whole
+network, 0.995) or offline (frozen params of an earlier run).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax.sharding import Mesh
+
+from jaxdistill.data.masking import mask_tokens
+from jaxdistill.losses.contrastive import contrastive_loss
+from jaxdistill.losses.distillation import listwise_distillation
+from jaxdistill.losses.matching import itm_loss, mlm_loss
+from jaxdistill.methods.base import Recipe
+from jaxdistill.models.loopitr import LoopITRModel, build_model, init_params
+from jaxdistill.parallel.gather import gathered_similarity_logits
+from jaxdistill.train.checkpoint import load_params
+
+
+def choose_negatives(logits: jax.Array, same_item: jax.Array, num: int, mode: str,
+                     key: jax.Array) -> jax.Array:
+  """Column indices of `num` negatives per row, never a column of the row's own item.
+
+  logits [R, C] (row's similarities to all columns), same_item bool [R, C] (True where the
+  column is a positive of the row, e.g. another caption of the same image). mode "hard": the
+  top-`num` by similarity (paper 003 §3: top-m hard negatives ranked by the dual encoder);
+  "random": `num` uniformly random negatives (Table 2). Returns int32 [R, num]."""
+  scores = jax.lax.stop_gradient(logits) if mode == "hard" else jax.random.uniform(key, logits.shape)
+  scores = jnp.where(same_item, -jnp.inf, scores)
+  return jax.lax.top_k(scores, num)[1]
+
+
+def _candidates(diag: jax.Array, matrix: jax.Array, negatives: jax.Array) -> jax.Array:
+  """[R] positive scores + [R, C] matrix gathered at negatives [R, n] -> [R, 1 + n]."""
+  return jnp.concatenate([diag[:, None], jnp.take_along_axis(matrix, negatives, axis=1)], axis=1)
+
+
+def distill_weight(step: jax.Array, weight: float, warmup_steps: int) -> jax.Array:
+  """w of eq. 8: linear 0 -> weight over warmup_steps (the first epoch, §4.1)."""
+  if warmup_steps <= 0:
+    return jnp.asarray(weight, jnp.float32)
+  return weight * jnp.minimum(1.0, step.astype(jnp.float32) / warmup_steps)
+
+
+def make_loss_fn(config: ml_collections.ConfigDict, model: LoopITRModel, mesh: Mesh,
+                 steps_per_epoch: int):
+  """Returns loss_fn(params, teacher_params, batch, step) -> (loss, metrics).
+
+  batch: image float32 [B,H,W,C], text_ids / text_mask int32 [B,L], image_id int32 [B] —
+  global arrays sharded on the mesh's batch axes. teacher_params: None for the online
+  teacher, else the momentum / offline teacher's params."""
+  lp = config.loopitr
+  m = lp.num_negatives
+  distill_text = lp.distill_negatives in ("text", "both")
+  distill_image = lp.distill_negatives in ("image", "both")
+  num_text_neg = m if distill_text else 1    # ITM needs one negative per direction
+  num_image_neg = m if distill_image else 1
+  separate_itm = lp.itm_negatives != lp.negative_sampling
+  warmup = steps_per_epoch if lp.distill_warmup_steps < 0 else lp.distill_warmup_steps
+  base_key = jax.random.PRNGKey(config.seed)
+
+  def towers(params, batch, method):
+    return model.apply({"params": params}, *batch, method=method)
+
+  def cross_scores(params, img_tok, txt_tok, txt_mask, img_idx, txt_idx):
+    """ITM logits [P, 2] for the pairs (img_idx[p], txt_idx[p])."""
+    return model.apply({"params": params}, txt_tok[txt_idx], txt_mask[txt_idx], img_tok[img_idx],
+                       method=LoopITRModel.match_logits)
+
+  def loss_fn(params, teacher_params, batch, step):
+    key = jax.random.fold_in(base_key, step)
+    k_text_neg, k_image_neg, k_itm, k_mlm = jax.random.split(key, 4)
+    images, ids, mask = batch["image"], batch["text_ids"], batch["text_mask"]
+    b = ids.shape[0]
+    img_emb, img_tok = towers(params, (images,), LoopITRModel.encode_image)
+    txt_emb, txt_tok = towers(params, (ids, mask), LoopITRModel.encode_text)
+    temperature = model.apply({"params": params}, method=LoopITRModel.temperature)
+
+    # ITC against the gathered negatives of all devices (eq. 2-3).
+    i2t, t2i = gathered_similarity_logits(mesh, img_emb, txt_emb, temperature)
+    l_itc, parts = contrastive_loss(i2t, t2i, jnp.arange(b))
+
+    # Negatives from the ITC similarities; other captions of the same image are never negatives.
+    same = batch["image_id"][:, None] == batch["image_id"][None, :]
+    text_neg = choose_negatives(i2t, same, num_text_neg, lp.negative_sampling, k_text_neg)
+    image_neg = choose_negatives(t2i, same.T, num_image_neg, lp.negative_sampling, k_image_neg)
+    rows = jnp.arange(b)
+    img_idx = [rows, jnp.repeat(rows, num_text_neg), image_neg.reshape(-1)]
+    txt_idx = [rows, text_neg.reshape(-1), jnp.repeat(rows, num_image_neg)]
+    if separate_itm:   # ITM negatives drawn differently from the distillation candidates
+      itm_text = choose_negatives(i2t, same, 1, lp.itm_negatives, k_itm)[:, 0]
+      itm_image = choose_negatives(t2i, same.T, 1, lp.itm_negatives, jax.random.fold_in(k_itm, 1))[:, 0]
+      img_idx += [rows, itm_image]
+      txt_idx += [itm_text, rows]
+    img_idx, txt_idx = jnp.concatenate(img_idx), jnp.concatenate(txt_idx)
+    logits = cross_scores(params, img_tok, txt_tok, mask, img_idx, txt_idx)
+    pos_logits = logits[:b]
+    text_neg_logits = logits[b:b + b * num_text_neg].reshape(b, num_text_neg, 2)
+    image_neg_logits = logits[b + b * num_text_neg:b + b * (num_text_neg + num_image_neg)]
+    image_neg_logits = image_neg_logits.reshape(b, num_image_neg, 2)
+
+    # ITM (eq. 4): positives, and one negative text per image and one negative image per text.
+    if separate_itm:
+      itm_neg = logits[b * (1 + num_text_neg + num_image_neg):]
+    else:
+      itm_neg = jnp.concatenate([text_neg_logits[:, 0], image_neg_logits[:, 0]])
+    itm_logits = jnp.concatenate([pos_logits, itm_neg])
+    itm_labels = jnp.concatenate([jnp.zeros(b, jnp.int32), jnp.ones(itm_neg.shape[0], jnp.int32)])
+    l_itm, itm_parts = itm_loss(itm_logits, itm_labels)
+    parts.update(itm_parts)
+
+    # MLM on the cross encoder, text masked BERT-style.
+    masked_ids, labels, weights = mask_tokens(ids, mask, k_mlm, probability=lp.mlm_probability,
+                                              vocab_size=config.model.vocab_size)
+    _, masked_tok = towers(params, (masked_ids, mask), LoopITRModel.encode_text)
+    mlm_logits = model.apply({"params": params}, masked_tok, mask, img_tok,
+                             method=LoopITRModel.mlm_logits)
+    l_mlm, mlm_parts = mlm_loss(mlm_logits, labels, weights)
+    parts.update(mlm_parts)
+
+    # Distillation (eq. 5-7): student s_{x,y} = similarity, teacher h^pos = positive-class logit.
+    if teacher_params is None:     # online teacher: reuse this forward's cross scores
+      t_pos, t_text, t_image = pos_logits[:, 0], text_neg_logits[..., 0], image_neg_logits[..., 0]
+    else:                          # momentum / offline teacher: its own towers and cross encoder
+      _, t_img_tok = towers(teacher_params, (images,), LoopITRModel.encode_image)
+      _, t_txt_tok = towers(teacher_params, (ids, mask), LoopITRModel.encode_text)
+      n_main = b * (1 + num_text_neg + num_image_neg)
+      t_logits = cross_scores(teacher_params, t_img_tok, t_txt_tok, mask, img_idx[:n_main],
+                              txt_idx[:n_main])[:, 0]
+      t_logits = jax.lax.stop_gradient(t_logits)
+      t_pos = t_logits[:b]
+      t_text = t_logits[b:b + b * num_text_neg].reshape(b, num_text_neg)
+      t_image = t_logits[b + b * num_text_neg:].reshape(b, num_image_neg)
+    l_distill = jnp.zeros((), jnp.float32)
+    # i2t / t2i are similarities divided by the temperature; eq. 5 needs s itself.
+    sim_i2t, sim_t2i = i2t * temperature, t2i * temperature
+    if distill_text:
+      student = _candidates(jnp.diagonal(sim_i2t), sim_i2t, text_neg)
+      teacher = jnp.concatenate([t_pos[:, None], t_text], axis=1)
+      l_txt, _ = listwise_distillation(student, teacher, temperature, stop_gradient=lp.stop_gradient)
+      parts["distill_txt"] = l_txt
+      l_distill += l_txt
+    if distill_image:
+      student = _candidates(jnp.diagonal(sim_t2i), sim_t2i, image_neg)
+      teacher = jnp.concatenate([t_pos[:, None], t_image], axis=1)
+      l_img, _ = listwise_distillation(student, teacher, temperature, stop_gradient=lp.stop_gradient)
+      parts["distill_img"] = l_img
+      l_distill += l_img
+
+    # eq. 8, with the distillation warm-up of §4.1 and the optional ITC-only warm-up.
+    joint = (step >= lp.itc_only_steps).astype(jnp.float32)
+    w_distill = distill_weight(step - lp.itc_only_steps, lp.distill_weight, warmup) * joint
+    loss = (lp.itc_weight * l_itc + joint * (lp.itm_weight * l_itm + lp.mlm_weight * l_mlm)
+            + w_distill * l_distill)
+    parts.update(itc=l_itc, itm=l_itm, mlm=l_mlm, distill=l_distill, distill_weight=w_distill,
+                 temperature=temperature)
+    return loss, parts
+
+  return loss_fn
+
+
+def build(config: ml_collections.ConfigDict, mesh: Mesh, steps_per_epoch: int) -> Recipe:
+  """The LoopITR recipe; with teacher=offline, loads the teacher from loopitr.offline_workdir."""
+  model = build_model(config.model)
+  lp = config.loopitr
+  mc = config.model
+  init = lambda key: init_params(model, key, (mc.image_size, mc.image_size, mc.channels), mc.max_len)
+  teacher_params = None
+  if lp.teacher == "offline":
+    teacher_params = load_params(lp.offline_workdir, jax.eval_shape(init, jax.random.PRNGKey(0)))
+
+  def embed_image(params, images):
+    return model.apply({"params": params}, images, method=LoopITRModel.encode_image)
+
+  def embed_text(params, ids, mask):
+    return model.apply({"params": params}, ids, mask, method=LoopITRModel.encode_text)
+
+  def match_scores(params, image_tokens, text_tokens, text_mask):
+    return model.apply({"params": params}, text_tokens, text_mask, image_tokens,
+                       method=LoopITRModel.match_logits)[:, 0]
+
+  return Recipe(
+      name="loopitr",
+      model=model,
+      init_params=init,
+      loss_fn=make_loss_fn(config, model, mesh, steps_per_epoch),
+      embed_image=embed_image,
+      embed_text=embed_text,
+      match_scores=match_scores,
+      teacher_params=teacher_params,
+      ema_momentum=lp.momentum if lp.teacher == "momentum" else 0.0,
+  )

@@ -1,0 +1,34 @@
+"""TrainState: everything a step reads and writes, as one pytree (checkpointed whole)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+
+@flax.struct.dataclass
+class TrainState:
+  """step: int32 []; params: model params; opt_state: optax state;
+  ema_params: exponential moving average of params (momentum teachers / encoders), or {}."""
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  ema_params: Any
+
+
+def create_train_state(params, tx: optax.GradientTransformation, *, with_ema: bool) -> TrainState:
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=tx.init(params),
+      ema_params=jax.tree.map(jnp.copy, params) if with_ema else {},
+  )
+
+
+def ema_update(ema_params, params, momentum: float):
+  """ema <- momentum * ema + (1 - momentum) * params (ALBEF / MoCo momentum encoders)."""
+  return jax.tree.map(lambda e, p: momentum * e + (1.0 - momentum) * p, ema_params, params)

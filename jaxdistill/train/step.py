@@ -1,0 +1,48 @@
+"""The train step: one jitted pure function (state, batch) -> (state, metrics), sharded on the mesh.
+
+State is replicated (data parallelism; the `fsdp` axis is reserved for sharding large params),
+the batch is sharded on the batch axes, and nothing leaves the device inside the step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import optax
+from jax.sharding import Mesh
+
+from jaxdistill.methods.base import Recipe
+from jaxdistill.parallel.mesh import batch_sharding, replicated
+from jaxdistill.train.state import TrainState, ema_update
+
+
+def state_shardings(mesh: Mesh, state: Any) -> Any:
+  """Replicated shardings for every leaf of the state (params are small enough per device)."""
+  return jax.tree.map(lambda _: replicated(mesh), state)
+
+
+def make_train_step(recipe: Recipe, tx: optax.GradientTransformation, mesh: Mesh,
+                    state_sharding: Any) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  """Returns the jitted step. The state argument is donated (updated in place on device)."""
+
+  def step_fn(state: TrainState, batch: dict, offline_teacher: Any):
+    teacher = state.ema_params if recipe.ema_momentum > 0 else offline_teacher
+    (loss, parts), grads = jax.value_and_grad(recipe.loss_fn, has_aux=True)(
+        state.params, teacher, batch, state.step)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = ema_update(state.ema_params, params, recipe.ema_momentum) if recipe.ema_momentum > 0 \
+        else state.ema_params
+    metrics = dict(parts, loss=loss, grad_norm=optax.global_norm(grads))
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                         ema_params=ema), metrics
+
+  data = batch_sharding(mesh)
+  rep = replicated(mesh)
+  teacher_sharding = None if recipe.teacher_params is None else \
+      jax.tree.map(lambda _: rep, recipe.teacher_params)
+  jitted = jax.jit(step_fn, in_shardings=(state_sharding, data, teacher_sharding),
+                   out_shardings=(state_sharding, rep), donate_argnums=(0,))
+  teacher = recipe.teacher_params
+  return lambda state, batch: jitted(state, batch, teacher)
