@@ -63,7 +63,10 @@ def test_eight_devices_equal_one_device(params, overrides):
   np.testing.assert_allclose(l8, l1, rtol=1e-5, atol=1e-5)
   for k in m1:
     np.testing.assert_allclose(m8[k], m1[k], rtol=1e-5, atol=1e-5, err_msg=k)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), g8, g1)
+  # Gradients are sums over the batch reduced across devices in another order: compare at 1e-5
+  # relative to each parameter's largest gradient (float32 summation-order noise).
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(
+      a, b, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(b).max()))), g8, g1)
 
 
 def _distill_only(stop_gradient):
