@@ -83,7 +83,7 @@ def base_config(preset: str = "cpu") -> ml_collections.ConfigDict:
   o.grad_clip_norm = 0.0                       # 0 = off
 
   t = c.train = ml_collections.ConfigDict()
-  t.num_steps = 8 if tiny else (30_000 if paper else 800)
+  t.num_steps = 8 if tiny else (30_000 if paper else 600)
   t.log_every = 1 if tiny else 20
   t.checkpoint_every = 2 if tiny else 200
   t.max_checkpoints = 2

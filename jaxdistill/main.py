@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe config file, e.g. configs/loopitr.py[:preset].")
@@ -67,6 +67,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 def main(argv: list[str]) -> None:
   del argv
+  logging.set_verbosity(logging.WARNING)   # keep orbax's per-save INFO lines out of the progress
   from jaxdistill.config import ConfigError, validate
   config = _CONFIG.value
   if config is None:
