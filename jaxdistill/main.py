@@ -16,6 +16,9 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe config file, e.g. configs/loopitr.py[:preset].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, eval.json, tokenizer.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() first (multi-host TPU pods, SLURM, "
+    "several local processes; coordinator from the environment, see launch/).")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to do with the workdir.")
 
 
@@ -75,6 +78,8 @@ def main(argv: list[str]) -> None:
   if not _WORKDIR.value:
     _fail("--workdir is required, e.g. --workdir=runs/loopitr")
   import jax
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize()
   try:
     validate(config, jax.device_count())
     from jaxdistill.data.fashion_mnist import validate_fashion_mnist_dir

@@ -87,7 +87,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
   try:
     for step in range(start + 1, config.train.num_steps + 1):
       batch = pipeline.to_global_batch(next(data_iter), data_sharding)
-      state, metrics = train_step(state, batch)
+      state, metrics = train_step(state, batch, recipe.teacher_params)
       if step % config.train.log_every == 0 or step == config.train.num_steps:
         scalars = jax.device_get(metrics)
         writer.write(step, scalars)

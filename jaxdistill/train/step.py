@@ -23,8 +23,8 @@ def state_shardings(mesh: Mesh, state: Any) -> Any:
 
 
 def make_train_step(recipe: Recipe, tx: optax.GradientTransformation, mesh: Mesh,
-                    state_sharding: Any) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-  """Returns the jitted step. The state argument is donated (updated in place on device)."""
+                    state_sharding: Any) -> Callable[[TrainState, dict, Any], tuple[TrainState, dict]]:
+  """Returns the jitted step(state, batch, recipe.teacher_params). The state is donated."""
 
   def step_fn(state: TrainState, batch: dict, offline_teacher: Any):
     teacher = state.ema_params if recipe.ema_momentum > 0 else offline_teacher
@@ -42,7 +42,5 @@ def make_train_step(recipe: Recipe, tx: optax.GradientTransformation, mesh: Mesh
   rep = replicated(mesh)
   teacher_sharding = None if recipe.teacher_params is None else \
       jax.tree.map(lambda _: rep, recipe.teacher_params)
-  jitted = jax.jit(step_fn, in_shardings=(state_sharding, data, teacher_sharding),
-                   out_shardings=(state_sharding, rep), donate_argnums=(0,))
-  teacher = recipe.teacher_params
-  return lambda state, batch: jitted(state, batch, teacher)
+  return jax.jit(step_fn, in_shardings=(state_sharding, data, teacher_sharding),
+                 out_shardings=(state_sharding, rep), donate_argnums=(0,))

@@ -1,0 +1,99 @@
+"""Throughput and memory of the jitted LoopITR train step, side by side in one run.
+
+  .venv/bin/python benchmarks/train_step.py [--steps=10] [--paper_batch=8]
+
+Rows: the CPU preset at its batch (m=4), the same with all in-batch negatives (m=B-1; paper 003
+footnote 1: m=4 trains 1.4x faster than m=31), and the paper preset at a small batch. Memory is
+XLA's buffer assignment for the compiled step (arguments + outputs + temporaries) and the
+process's peak RSS. Prints a markdown table for docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import sys
+import time
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per row (after 2 warm-up steps).")
+_PAPER_BATCH = flags.DEFINE_integer("paper_batch", 8, "Global batch of the paper-preset row.")
+
+
+def _row(name, config, steps):
+  import jax
+  import numpy as np
+  from jaxdistill import methods
+  from jaxdistill.parallel.mesh import batch_sharding, make_mesh
+  from jaxdistill.train.optim import make_optimizer
+  from jaxdistill.train.state import create_train_state
+  from jaxdistill.train.step import make_train_step, state_shardings
+
+  mesh = make_mesh()
+  recipe = methods.build(config, mesh, steps_per_epoch=100)
+  tx = make_optimizer(config.optim, 1000)
+  make = lambda k: create_train_state(recipe.init_params(k), tx, with_ema=recipe.ema_momentum > 0)
+  shardings = state_shardings(mesh, jax.eval_shape(make, jax.random.PRNGKey(0)))
+  state = jax.jit(make, out_shardings=shardings)(jax.random.PRNGKey(0))
+  b, mc = config.batch_size, config.model
+  rng = np.random.default_rng(0)
+  ids = rng.integers(5, mc.vocab_size, (b, mc.max_len)).astype(np.int32)
+  ids[:, 0] = 2
+  batch = jax.device_put({
+      "image": rng.normal(size=(b, mc.image_size, mc.image_size, mc.channels)).astype(np.float32),
+      "text_ids": ids, "text_mask": np.ones((b, mc.max_len), np.int32),
+      "image_id": np.arange(b, dtype=np.int32)}, batch_sharding(mesh))
+  jitted = make_train_step(recipe, tx, mesh, shardings)
+  memory = jitted.lower(state, batch, None).compile().memory_analysis()
+  step_bytes = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+                + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+  step = lambda s, b: jitted(s, b, None)
+  t0 = time.perf_counter()
+  state, metrics = step(state, batch)
+  jax.block_until_ready(metrics)
+  compile_s = time.perf_counter() - t0
+  state, metrics = step(state, batch)
+  jax.block_until_ready(metrics)
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    state, metrics = step(state, batch)
+  jax.block_until_ready(metrics)
+  seconds = (time.perf_counter() - t0) / steps
+  params = sum(x.size for x in jax.tree.leaves(state.params))
+  return dict(name=name, batch=b, params=params, step_s=seconds, ex_s=b / seconds,
+              compile_s=compile_s, step_mb=step_bytes / 2**20)
+
+
+def main(argv):
+  del argv
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from configs import loopitr
+  rows = []
+  cpu = loopitr.get_config("cpu")
+  rows.append(_row("cpu preset, m=4", cpu, _STEPS.value))
+  all_neg = loopitr.get_config("cpu")
+  all_neg.loopitr.num_negatives = all_neg.batch_size - 1
+  rows.append(_row(f"cpu preset, m={all_neg.batch_size - 1} (all)", all_neg, _STEPS.value))
+  paper = loopitr.get_config("paper")
+  paper.batch_size = _PAPER_BATCH.value
+  rows.append(_row(f"paper preset, batch {paper.batch_size}", paper, max(2, _STEPS.value // 5)))
+  peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+  import jax
+  print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{jax.device_count()} x {jax.devices()[0].platform}; jax {jax.__version__}")
+  print("| config | global batch | params | s/step | examples/s | step memory (XLA) | compile s |")
+  print("|---|---|---|---|---|---|---|")
+  for r in rows:
+    print(f"| {r['name']} | {r['batch']} | {r['params'] / 1e6:.2f}M | {r['step_s']:.3f} | "
+          f"{r['ex_s']:.1f} | {r['step_mb']:.0f} MiB | {r['compile_s']:.1f} |")
+  print(f"\nratio m=4 vs all negatives (examples/s): {rows[0]['ex_s'] / rows[1]['ex_s']:.2f}x "
+        "(paper 003 reports 1.4x for m=4 vs m=31)")
+  print(f"peak process RSS over the run: {peak_rss_gb:.2f} GiB")
+
+
+if __name__ == "__main__":
+  app.run(main)
