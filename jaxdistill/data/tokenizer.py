@@ -9,27 +9,36 @@ import tempfile
 
 import numpy as np
 import tokenizers
-from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = range(len(SPECIAL_TOKENS))
 
 
 def build_tokenizer(texts: list[str], vocab_size: int = 256) -> tokenizers.Tokenizer:
-  """Trains a lowercasing WordPiece tokenizer on `texts`; encodings are [CLS] ... [SEP].
+  """A lowercasing WordPiece tokenizer for `texts`; encodings are [CLS] ... [SEP].
 
-  The vocabulary holds the special tokens first (PAD_ID..MASK_ID = 0..4), then at most
-  vocab_size - 5 pieces (fewer when the texts need fewer)."""
-  if vocab_size <= len(SPECIAL_TOKENS):
-    raise ValueError(f"vocab_size={vocab_size} must exceed the {len(SPECIAL_TOKENS)} special "
-                     "tokens; raise --config.data.vocab_size")
-  tokenizer = tokenizers.Tokenizer(models.WordPiece(unk_token="[UNK]"))
+  The vocabulary is deterministic (the same texts give the same ids in every process, which a
+  resumed run and an export rely on): the special tokens (PAD_ID..MASK_ID = 0..4), every
+  character and its "##" continuation (so any word of those characters still tokenises), then
+  whole words by descending frequency (ties alphabetically) up to vocab_size."""
+  tokenizer = tokenizers.Tokenizer(models.WordPiece({"[UNK]": 0}, unk_token="[UNK]"))
   tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
   tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+  counts: dict[str, int] = {}
+  for text in texts:
+    for word, _ in tokenizer.pre_tokenizer.pre_tokenize_str(tokenizer.normalizer.normalize_str(text)):
+      counts[word] = counts.get(word, 0) + 1
+  chars = sorted({c for word in counts for c in word})
+  base = list(SPECIAL_TOKENS) + chars + [f"##{c}" for c in chars]
+  if vocab_size < len(base):
+    raise ValueError(f"vocab_size={vocab_size} cannot hold the {len(base)} special and character "
+                     "tokens of these texts; raise --config.data.vocab_size")
+  words = sorted((w for w in counts if w not in base), key=lambda w: (-counts[w], w))
+  vocab = {token: i for i, token in enumerate(base + words[:vocab_size - len(base)])}
+  tokenizer.model = models.WordPiece(vocab, unk_token="[UNK]")
+  tokenizer.add_special_tokens(list(SPECIAL_TOKENS))   # already in vocab: marks them special
   tokenizer.decoder = decoders.WordPiece()
-  trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                      show_progress=False)
-  tokenizer.train_from_iterator(texts, trainer=trainer)
   tokenizer.post_processor = processors.TemplateProcessing(
       single="[CLS] $A [SEP]", special_tokens=[("[CLS]", CLS_ID), ("[SEP]", SEP_ID)])
   for token_id, token in enumerate(SPECIAL_TOKENS):
