@@ -146,19 +146,16 @@ def make_loss_fn(config: ml_collections.ConfigDict, model: LoopITRModel, mesh: M
       t_image = t_logits[b + b * num_text_neg:].reshape(b, num_image_neg)
     l_distill = jnp.zeros((), jnp.float32)
     # i2t / t2i are similarities divided by the temperature; eq. 5 needs s itself.
-    sim_i2t, sim_t2i = i2t * temperature, t2i * temperature
-    if distill_text:
-      student = _candidates(jnp.diagonal(sim_i2t), sim_i2t, text_neg)
-      teacher = jnp.concatenate([t_pos[:, None], t_text], axis=1)
-      l_txt, _ = listwise_distillation(student, teacher, temperature, stop_gradient=lp.stop_gradient)
-      parts["distill_txt"] = l_txt
-      l_distill += l_txt
-    if distill_image:
-      student = _candidates(jnp.diagonal(sim_t2i), sim_t2i, image_neg)
-      teacher = jnp.concatenate([t_pos[:, None], t_image], axis=1)
-      l_img, _ = listwise_distillation(student, teacher, temperature, stop_gradient=lp.stop_gradient)
-      parts["distill_img"] = l_img
-      l_distill += l_img
+    directions = (("distill_txt", distill_text, i2t, text_neg, t_text),   # N_i^txt, eq. 7
+                  ("distill_img", distill_image, t2i, image_neg, t_image))
+    for name, enabled, logits_rows, negatives, teacher_neg in directions:
+      if enabled:
+        sim = logits_rows * temperature
+        student = _candidates(jnp.diagonal(sim), sim, negatives)
+        teacher = jnp.concatenate([t_pos[:, None], teacher_neg], axis=1)
+        parts[name], _ = listwise_distillation(student, teacher, temperature,
+                                               stop_gradient=lp.stop_gradient)
+        l_distill += parts[name]
 
     # eq. 8, with the distillation warm-up of §4.1 and the optional ITC-only warm-up.
     joint = (step >= lp.itc_only_steps).astype(jnp.float32)
