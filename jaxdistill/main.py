@@ -1,13 +1,18 @@
 """Command line: `python -m jaxdistill.main --config=configs/loopitr.py --workdir=runs/loopitr`.
 
-Modes: train (default; resumes from the workdir's latest checkpoint, evaluates at the end),
-eval (re-evaluates the workdir's latest checkpoint). Config overrides use ml_collections
+Modes (`--mode`, each a `run(config, workdir)` function named in `MODES`):
+  train          (default) train, resuming from the workdir's latest checkpoint; evaluate at the end
+  eval           re-evaluate the workdir's latest checkpoint
+  cache_teacher  run the config's teacher over the dataset once; store its features (teachers/cache.py)
+  mine           embed the corpus, build a ScaNN index and a hard-negative bank (mining/run.py)
+  export         write the student's towers as TFLite models into <workdir>/export (export/run.py) Config overrides use ml_collections
 syntax, e.g. `--config.batch_size=64 --config.loopitr.num_negatives=1`.
 Every config problem is reported in one line, before anything is compiled.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import sys
 
@@ -19,7 +24,16 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, met
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() first (multi-host TPU pods, SLURM, "
     "several local processes; coordinator from the environment, see launch/).")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to do with the workdir.")
+
+# mode -> "module:function"; the function takes (config, workdir). Imported only when chosen.
+MODES = {
+    "train": "jaxdistill.train.loop:train_and_evaluate",
+    "eval": "jaxdistill.train.loop:evaluate_workdir",
+    "cache_teacher": "jaxdistill.teachers.cache:run",
+    "mine": "jaxdistill.mining.run:run",
+    "export": "jaxdistill.export.run:run",
+}
+_MODE = flags.DEFINE_enum("mode", "train", list(MODES), "What to do with the workdir.")
 
 
 def _fail(message: str) -> None:
@@ -86,11 +100,9 @@ def main(argv: list[str]) -> None:
     validate_fashion_mnist_dir(config.data.fashion_mnist_dir or None)
   except (ConfigError, FileNotFoundError) as e:
     _fail(str(e))
-  from jaxdistill.train import loop
-  if _MODE.value == "train":
-    loop.train_and_evaluate(config, _WORKDIR.value)
-  else:
-    loop.evaluate_workdir(config, _WORKDIR.value)
+  module_name, function_name = MODES[_MODE.value].split(":")
+  run = getattr(importlib.import_module(module_name), function_name)
+  run(config, _WORKDIR.value)
 
 
 if __name__ == "__main__":
