@@ -16,8 +16,8 @@ from jaxdistill.pretrained.checkpoint import (CheckpointError, read_state_dict,
                                               truncate_layers)
 from jaxdistill.pretrained.registry import load_pretrained
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch
+import transformers
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

@@ -16,8 +16,8 @@ from jaxdistill.pretrained import albef, blip
 from jaxdistill.pretrained.checkpoint import read_state_dict
 from jaxdistill.pretrained.registry import load_pretrained
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch
+import transformers
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

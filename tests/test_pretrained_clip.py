@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-safetensors_torch = pytest.importorskip("safetensors.torch")
+import torch
+import transformers
+import safetensors.torch as safetensors_torch
 
 import jax.numpy as jnp  # noqa: E402
 

