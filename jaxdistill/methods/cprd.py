@@ -1,0 +1,261 @@
+"""CPRD (Chen et al., CVPR 2024, paper 002): a dual-encoder student trained with ITC against
+momentum-feature queues plus a ranking distillation from a frozen teacher on hard negatives.
+
+Per step, image->text (text->image is symmetric):
+  1. momentum encoder (the TrainState's EMA of the student, 0.995, §4.2) embeds the batch;
+     candidates = batch momentum features + queue Q (N_q entries);
+  2. ITC of the student's queries against the candidates (eq. 1-2); a candidate with the
+     query's example id (another copy of the positive) or an empty queue slot is no negative;
+  3. top-K hard negatives by student similarity among the negatives (eq. 3);
+  4. the teacher scores them (eq. 4; a negative is scorable when it is in the batch or among
+     the N_c most recent queue entries, the cross-encoder input queue Q_c of §3.2.2; others
+     are invalid, as pairs absent from the offline bank are);
+  5. distillation: `cprd.distill` = none (ITC alone) | kl | m3se | rm3se | cprd | cprd_mstar
+     (Table 5); L = L_align + w * L_distill (eq. 9, w = 1), each direction averaged (eq. 8);
+  6. the batch's momentum features are enqueued (parallel/queue.py).
+
+Q_c stores what the teacher needs to score an entry, not pixels: the entry's example index
+into the train split's images (kept once as a device array beside the teacher's params, so a
+queued image is `train_images[index]`, the same pixels the batch had: the pipeline does no
+random augmentation) and its caption's token ids and mask (L int32 each, smaller than an
+index + caption pair lookup would save, and independent of which caption the pipeline drew).
+Q_c is the N_c most recent entries of Q (`queue.age < N_c`), so one ring buffer serves both.
+
+Teacher scores (`cprd.teacher_scores`): "cross" = sigmoid of the cross encoder's positive-class
+ITM logit (Teacher.match_scores), the p in [0, 1] that eq. 4's threshold m reads; "dual" =
+cosine similarity of the teacher's dual-encoder embeddings (then m is a cosine threshold).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from jaxdistill.config import ConfigError
+from jaxdistill.data.benchmark import prepare_benchmark
+from jaxdistill.data.compositional import normalize_images
+from jaxdistill.losses import ranking
+from jaxdistill.losses.contrastive import contrastive_loss
+from jaxdistill.methods.base import Recipe
+from jaxdistill.models.dual import DualEncoder
+from jaxdistill.models.text import TextEncoder
+from jaxdistill.models.vit import ViT
+from jaxdistill.parallel import queue as fq
+from jaxdistill.parallel.mesh import replicated
+from jaxdistill.teachers import load_teacher
+
+DISTILL = ("none", "kl", "m3se", "rm3se", "cprd", "cprd_mstar")
+TEACHER_SCORES = ("cross", "dual")
+_NEG = -1e30   # finite "minus infinity" for masked logits (no NaN in empty rows)
+
+
+def build_student(mc: ml_collections.ConfigDict) -> DualEncoder:
+  """The dual-encoder student (models/dual.py) from the `model` config section."""
+  image = ViT(mc.patch_size, mc.vision_width, mc.vision_layers, mc.vision_heads, mc.vision_mlp,
+              stem=mc.stem, dropout_rate=mc.dropout_rate)
+  text = TextEncoder(mc.vocab_size, mc.max_len, mc.text_width, mc.text_layers, mc.text_heads,
+                     mc.text_mlp, dropout_rate=mc.dropout_rate)
+  return DualEncoder(image, text, mc.embed_dim, image_pool=mc.image_pool,
+                     temperature_init=mc.temperature_init)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the cprd key and the fix."""
+  cp = config.cprd
+  if cp.distill not in DISTILL:
+    raise ConfigError(f"--config.cprd.distill={cp.distill!r} is not valid: use one of {', '.join(DISTILL)}")
+  if cp.teacher_scores not in TEACHER_SCORES:
+    raise ConfigError(f"--config.cprd.teacher_scores={cp.teacher_scores!r} is not valid: use one "
+                      f"of {', '.join(TEACHER_SCORES)}")
+  if cp.queue_size < 1:
+    raise ConfigError(f"--config.cprd.queue_size={cp.queue_size} must be >= 1 (N_q, paper 002 §4.2)")
+  if not 0 <= cp.cross_queue_size <= cp.queue_size:
+    raise ConfigError(f"--config.cprd.cross_queue_size={cp.cross_queue_size} (N_c) must lie in "
+                      f"[0, queue_size={cp.queue_size}]: Q_c is the N_c most recent entries of Q")
+  if cp.num_hard < 1:
+    raise ConfigError(f"--config.cprd.num_hard={cp.num_hard} (K) must be >= 1; use "
+                      "--config.cprd.distill=none for ITC alone")
+  if not 0.0 < cp.momentum < 1.0:
+    raise ConfigError(f"--config.cprd.momentum={cp.momentum} must lie in (0, 1) (paper: 0.995)")
+  if cp.distill != "none" and not (config.teacher.kind and config.teacher.path):
+    raise ConfigError(f"--config.cprd.distill={cp.distill} needs a frozen teacher: set "
+                      "--config.teacher.kind=loopitr_workdir --config.teacher.path=<LoopITR workdir>")
+
+
+def _scorer(teacher, kind: str):
+  """score(teacher params, images [Pi,H,W,C], ids [Pt,L], mask [Pt,L]) -> [P], P = max(Pi, Pt).
+
+  Pairs of B queries with K candidates each, flattened query-major: the query side comes once
+  ([B, ...]) and the candidate side as [B*K, ...]; the side with fewer rows is repeated K times
+  (cross: every pair goes through the cross encoder) or its embeddings broadcast (dual: each
+  image and text is embedded once). Pi == Pt: plain pairs."""
+  if kind == "cross":
+    if not teacher.is_cross:
+      raise ConfigError(f"teacher {teacher.name} has no cross encoder: use "
+                        "--config.cprd.teacher_scores=dual or a cross teacher")
+
+    def cross(p, images, ids, mask):
+      k = max(images.shape[0], ids.shape[0]) // min(images.shape[0], ids.shape[0])
+      if images.shape[0] < ids.shape[0]:
+        images = jnp.repeat(images, k, axis=0)
+      elif ids.shape[0] < images.shape[0]:
+        ids, mask = jnp.repeat(ids, k, axis=0), jnp.repeat(mask, k, axis=0)
+      return jax.nn.sigmoid(teacher.match_scores(p, images, ids, mask))
+    return cross
+  if not teacher.is_dual:
+    raise ConfigError(f"teacher {teacher.name} has no dual towers: use --config.cprd.teacher_scores=cross")
+
+  def dual(p, images, ids, mask):
+    img, txt = teacher.embed_images(p, images), teacher.embed_texts(p, ids, mask)
+    b = min(img.shape[0], txt.shape[0])
+    return jnp.sum(img.reshape(b, -1, img.shape[-1]) * txt.reshape(b, -1, txt.shape[-1]),
+                   axis=-1).reshape(-1)
+  return dual
+
+
+def make_loss_fn(config: ml_collections.ConfigDict, model: DualEncoder, score_pairs,
+                 image_offset: int):
+  """loss_fn(params, (ema_params, frozen), batch, step, queue) -> (loss, (metrics, queue));
+  with distill=none the teacher argument is ema_params alone (the recipe has no frozen teacher).
+
+  frozen = {"teacher": teacher params, "images": float32 [N_train,H,W,C]} (or None when
+  distill=none); batch: image [B,H,W,C], text_ids / text_mask [B,L], image_id [B] (the train
+  split's example i has image_id image_offset + i)."""
+  cp = config.cprd
+  k, n_c, w = cp.num_hard, cp.cross_queue_size, cp.distill_weight
+
+  def encode(params, images, ids, mask):
+    img, _ = model.apply({"params": params}, images, method=DualEncoder.encode_image)
+    txt, _ = model.apply({"params": params}, ids, mask, method=DualEncoder.encode_text)
+    return img, txt
+
+  def direction(logits, negatives, scorable, pair_inputs, teacher_params, tau):
+    """One direction's distillation loss; pair_inputs(hard [B,K]) -> teacher inputs of the
+    (query, hard negative) pairs (see `_scorer`), plus those of the positive pairs [B, ...]."""
+    hard, available = ranking.top_k_hard_negatives(logits, negatives, k)
+    scored = available & jnp.take_along_axis(scorable, hard, axis=1)
+    (images, ids, mask), (pos_images, pos_ids, pos_mask) = pair_inputs(hard)
+    b = logits.shape[0]
+    scores = score_pairs(teacher_params, images, ids, mask).reshape(b, k)
+    parts = {"scored": jnp.mean(jnp.sum(scored, axis=1).astype(jnp.float32))}
+    if cp.distill in ("cprd", "cprd_mstar"):
+      valid = (ranking.threshold_valid(scores, scored, cp.threshold) if cp.distill == "cprd"
+               else ranking.adaptive_valid(scores, scored))
+      loss, more = ranking.contrastive_partial_ranking_loss(logits, negatives, hard, available,
+                                                            scores, valid)
+      return loss, {**parts, **more}
+    pos_scores = score_pairs(teacher_params, pos_images, pos_ids, pos_mask)
+    diag = jnp.take_along_axis(logits, jnp.arange(b)[:, None], axis=1)
+    student = jnp.concatenate([diag, jnp.take_along_axis(logits, hard, axis=1)], axis=1)
+    teacher = jnp.concatenate([pos_scores[:, None], scores], axis=1)
+    keep = jnp.concatenate([jnp.ones((b, 1), bool), scored], axis=1)
+    tau = jax.lax.stop_gradient(tau)
+    if cp.distill == "kl":
+      return ranking.kl_ranking_loss(student * tau, teacher, keep, tau)[0], parts
+    fn = ranking.m3se_loss if cp.distill == "m3se" else ranking.rm3se_loss
+    return fn(student * tau, teacher, keep)[0], parts
+
+  def loss_fn(params, teachers, batch, step, queue: fq.FeatureQueue):
+    ema_params, frozen = teachers if cp.distill != "none" else (teachers, None)
+    images, ids, mask, image_id = batch["image"], batch["text_ids"], batch["text_mask"], batch["image_id"]
+    b = ids.shape[0]
+    img, txt = encode(params, images, ids, mask)
+    tau = model.apply({"params": params}, method=DualEncoder.temperature)
+    m_img, m_txt = jax.lax.stop_gradient(encode(ema_params, images, ids, mask))
+    qv = queue.values
+    # Candidates: columns [0, B) the batch's momentum keys, [B, B + N_q) the queue.
+    cand_txt = jnp.concatenate([m_txt, qv["text"]])
+    cand_img = jnp.concatenate([m_img, qv["image"]])
+    cand_ids = jnp.concatenate([image_id, queue.ids])
+    cand_valid = jnp.concatenate([jnp.ones((b,), bool), fq.valid_mask(queue)])
+    negatives = fq.negative_mask(image_id, cand_ids, cand_valid)            # [B, B + N_q]
+    positive = jnp.arange(cand_ids.shape[0])[None, :] == jnp.arange(b)[:, None]
+    keep = negatives | positive
+    i2t = jnp.where(keep, img @ cand_txt.T / tau, _NEG)
+    t2i = jnp.where(keep, txt @ cand_img.T / tau, _NEG)
+    l_itc, parts = contrastive_loss(i2t, t2i, jnp.arange(b, dtype=jnp.int32))   # eq. 1-2
+
+    l_distill = jnp.zeros((), jnp.float32)
+    if cp.distill != "none":
+      scorable = jnp.concatenate([jnp.ones((b,), bool), fq.age(queue) < n_c])[None, :]
+      scorable = jnp.broadcast_to(scorable, negatives.shape)
+      cand_ids_tok = jnp.concatenate([ids, qv["text_ids"]])
+      cand_mask_tok = jnp.concatenate([mask, qv["text_mask"]])
+      cand_index = jnp.concatenate([image_id - image_offset, qv["image_index"]])
+
+      def text_pairs(hard):   # image i (once) with texts hard[i, :]
+        return ((images, cand_ids_tok[hard].reshape(b * k, -1),
+                 cand_mask_tok[hard].reshape(b * k, -1)), (images, ids, mask))
+
+      def image_pairs(hard):  # images hard[i, :] with text i (once)
+        return ((frozen["images"][cand_index[hard].reshape(-1)], ids, mask), (images, ids, mask))
+
+      l_i2t, p_i2t = direction(i2t, negatives, scorable, text_pairs, frozen["teacher"], tau)
+      l_t2i, p_t2i = direction(t2i, negatives, scorable, image_pairs, frozen["teacher"], tau)
+      l_distill = (l_i2t + l_t2i) / 2                                        # eq. 8
+      parts.update({f"i2t_{n}": v for n, v in p_i2t.items()})
+      parts.update({f"t2i_{n}": v for n, v in p_t2i.items()})
+
+    keys = {"image": m_img, "text": m_txt, "image_index": image_id - image_offset,
+            "text_ids": ids, "text_mask": mask}
+    queue = fq.enqueue(queue, keys, image_id)
+    loss = l_itc + w * l_distill                                             # eq. 9
+    parts.update(itc=l_itc, distill=l_distill, temperature=tau)
+    return loss, (parts, queue)
+
+  return loss_fn
+
+
+def build(config: ml_collections.ConfigDict, mesh: Mesh, steps_per_epoch: int) -> Recipe:
+  """The CPRD recipe; loads the frozen teacher (config.teacher) unless cprd.distill=none."""
+  del steps_per_epoch
+  validate(config)
+  mc, cp = config.model, config.cprd
+  model = build_student(mc)
+  image_shape = (mc.image_size, mc.image_size, mc.channels)
+
+  def init(key):
+    return model.init(key, jnp.zeros((1, *image_shape)), jnp.zeros((1, mc.max_len), jnp.int32),
+                      jnp.ones((1, mc.max_len), jnp.int32))["params"]
+
+  train = prepare_benchmark(config, None).splits["train"]
+  image_offset = int(train.image_ids[0])
+  if not np.array_equal(train.image_ids, image_offset + np.arange(len(train.image_ids))):
+    raise ValueError("cprd: the train split's image_ids are not consecutive, so queued example "
+                     "indices cannot address its images; rebuild the benchmark")
+  frozen, score_pairs = None, None
+  if cp.distill != "none":
+    teacher = load_teacher(config.teacher)
+    score_pairs = _scorer(teacher, cp.teacher_scores)
+    frozen = jax.device_put({"teacher": teacher.params,
+                             "images": normalize_images(train.images)}, replicated(mesh))
+
+  def init_queue():
+    e, length = mc.embed_dim, mc.max_len
+    spec = jax.ShapeDtypeStruct
+    return fq.create_queue(cp.queue_size, {
+        "image": spec((e,), jnp.float32), "text": spec((e,), jnp.float32),
+        "image_index": spec((), jnp.int32), "text_ids": spec((length,), jnp.int32),
+        "text_mask": spec((length,), jnp.int32)})
+
+  def embed_image(params, images):
+    return model.apply({"params": params}, images, method=DualEncoder.encode_image)
+
+  def embed_text(params, ids, mask):
+    return model.apply({"params": params}, ids, mask, method=DualEncoder.encode_text)
+
+  return Recipe(
+      name="cprd",
+      model=model,
+      init_params=init,
+      loss_fn=make_loss_fn(config, model, score_pairs, image_offset),
+      embed_image=embed_image,
+      embed_text=embed_text,
+      match_scores=None,
+      teacher_params=frozen,
+      ema_momentum=cp.momentum,
+      init_recipe_state=init_queue,
+  )
