@@ -1,0 +1,100 @@
+"""A teacher: frozen params + pure apply functions (issue 3; papers 001 MCAD, 002 CPRD, 003 LoopITR).
+
+Every apply function takes the params first and is wrapped by `frozen`, which puts the params
+behind `jax.lax.stop_gradient`: a loss differentiated through a teacher never produces a
+gradient for its params, whatever the caller passes (tests/test_teachers.py checks this).
+
+  embed_images(params, images [B,H,W,C] float32) -> [B,E] float32, L2-normalised
+  embed_texts(params, ids [B,L] int32, mask [B,L] int32) -> [B,E] float32, L2-normalised
+  match_scores(params, images [P,H,W,C], ids [P,L], mask [P,L]) -> [P] float32
+    (a cross encoder's positive-class (ITM "match") logit for the pairs (image p, text p))
+  tokenize(texts: list[str]) -> (ids int32 [N,L], mask int32 [N,L]) in the teacher's own
+    vocabulary, or None when the teacher reads the student's token ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tokenizers
+
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+  """A frozen teacher; any of the three apply functions may be None (a dual teacher has no
+  match_scores, a cross-only teacher no embeddings). Call as `t.embed_images(t.params, x)`."""
+  name: str
+  params: Any
+  embed_images: Callable | None
+  embed_texts: Callable | None
+  match_scores: Callable | None
+  tokenize: Callable[[list[str]], tuple[np.ndarray, np.ndarray]] | None = None
+
+  @property
+  def is_dual(self) -> bool:
+    return self.embed_images is not None and self.embed_texts is not None
+
+  @property
+  def is_cross(self) -> bool:
+    return self.match_scores is not None
+
+
+def frozen(fn: Callable | None) -> Callable | None:
+  """jit of fn(params, *inputs) with params under stop_gradient and the output cast to float32
+  (inside another jit it is inlined into the caller's program)."""
+  if fn is None:
+    return None
+
+  @functools.wraps(fn)
+  def apply(params, *inputs):
+    return jnp.asarray(fn(jax.lax.stop_gradient(params), *inputs), jnp.float32)
+
+  return jax.jit(apply)
+
+
+def cast_params(params: Any, dtype: str) -> Any:
+  """Floating-point leaves cast to `dtype` ("float32" | "bfloat16"); integer leaves kept.
+  bfloat16 halves a teacher's memory (the apply functions still return float32)."""
+  if dtype not in DTYPES:
+    raise ValueError(f"teacher dtype {dtype!r} is not valid: use one of {', '.join(DTYPES)} "
+                     "(--config.teacher.dtype)")
+  target = jnp.dtype(dtype)
+  return jax.tree.map(
+      lambda x: x.astype(target) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+
+
+def make_teacher(name: str, params: Any, *, embed_images: Callable | None = None,
+                 embed_texts: Callable | None = None, match_scores: Callable | None = None,
+                 tokenize: Callable | None = None) -> Teacher:
+  """A Teacher whose apply functions are all wrapped by `frozen` (stop_gradient, jitted)."""
+  if embed_images is None and embed_texts is None and match_scores is None:
+    raise ValueError(f"teacher {name!r} has no apply function: give embed_images + embed_texts "
+                     "(dual) and/or match_scores (cross)")
+  return Teacher(name=name, params=params, embed_images=frozen(embed_images),
+                 embed_texts=frozen(embed_texts), match_scores=frozen(match_scores),
+                 tokenize=tokenize)
+
+
+def encode_padded(tokenizer: tokenizers.Tokenizer, texts: list[str],
+                  max_len: int) -> tuple[np.ndarray, np.ndarray]:
+  """A pretrained teacher's own tokenizer (its tokenizer.json: special tokens added, its padding
+  and truncation settings ignored) -> ids int32 [N, max_len] padded with 0, mask int32 [N, max_len].
+  A text longer than max_len raises (a truncated caption would be a different caption)."""
+  tokenizer.no_padding()
+  tokenizer.no_truncation()
+  ids = np.zeros((len(texts), max_len), np.int32)
+  mask = np.zeros((len(texts), max_len), np.int32)
+  for row, encoding in enumerate(tokenizer.encode_batch(list(texts))):
+    if len(encoding.ids) > max_len:
+      raise ValueError(f"text {texts[row]!r} has {len(encoding.ids)} tokens > max_len={max_len}: "
+                       "raise the teacher's max_len")
+    ids[row, :len(encoding.ids)] = encoding.ids
+    mask[row, :len(encoding.ids)] = 1
+  return ids, mask

