@@ -1,0 +1,222 @@
+"""Exported student vs teacher: size on disk, per-image and per-text latency (LiteRT, 1 and 2
+threads, p50 / p95), and the phone's end-to-end query (text -> top-10 over a 100k-image index).
+
+  .venv/bin/python benchmarks/export.py --student_workdir=runs/loopitr [--quantization=none]
+
+Student: the latest checkpoint of --student_workdir (cpu preset). Teacher: the paper preset's
+towers (ViT-B-sized 12-layer image tower, 6-layer 768-wide text tower) from a random
+initialisation — size and latency do not depend on the weights. Both go through
+`export_towers` (one code path, parity checked; the teacher's on 20 test images). Latency:
+one signature-runner call with batch 1, as the app makes it, after warm-up. End to end:
+`jaxdistill.search` (tokenizer + text model + exact top-10 by numpy) over the test split's image
+embeddings replicated to --index_size with N(0, 0.01^2) noise and re-normalised.
+Targets (paper 000 Table 3, paper 001 Table 5): student text >= 3x and image >= 2x faster,
+student size <= 35% of the teacher's; end-to-end p50 < 8 ms on a 2-core CPU.
+Search check: the test split's images written as PNGs, indexed and queried with 20 of its
+captions by `python -m jaxdistill.search` (subprocesses); hits (own image in the top 10) vs the
+JAX t2i R@10 on the split stored by the export's parity check.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+_STUDENT = flags.DEFINE_string("student_workdir", "runs/loopitr", "Trained student run (cpu preset).")
+_QUANT = flags.DEFINE_string("quantization", "none", "none | float16 | int8, for both models.")
+_OUT = flags.DEFINE_string("out", "runs/export_benchmark", "Where the exports and results go.")
+_ITERS = flags.DEFINE_integer("iters", 200, "Timed calls per student model and setting.")
+_TEACHER_ITERS = flags.DEFINE_integer("teacher_iters", 30, "Timed calls per teacher model.")
+_INDEX = flags.DEFINE_integer("index_size", 100_000, "Images in the end-to-end index.")
+_QUERIES = flags.DEFINE_integer("queries", 300, "Timed end-to-end queries.")
+
+
+def _config(preset: str, quantization: str):
+  from configs import loopitr
+  config = loopitr.get_config(preset)
+  config.export.quantization = quantization
+  return config
+
+
+def _export_student(directory: str):
+  from jaxdistill.export import run as export_run
+  return export_run.export_towers(
+      *export_run.restore_student(_config("cpu", _QUANT.value), _STUDENT.value), directory)
+
+
+def _export_teacher(directory: str):
+  import jax
+  from jaxdistill import methods
+  from jaxdistill.data.benchmark import prepare_benchmark
+  from jaxdistill.export.run import export_towers
+  from jaxdistill.parallel.mesh import make_mesh
+  config = _config("paper", _QUANT.value)
+  bench = prepare_benchmark(config, None)
+  config.model.vocab_size = bench.vocab_size
+  recipe = methods.build(config, make_mesh(), 1)
+  params = jax.jit(recipe.init_params)(jax.random.PRNGKey(0))
+  return export_towers(recipe, params, config, bench, {"recipe": recipe.name, "init": "random"},
+                       directory, parity_images=20)
+
+
+def _percentiles(seconds: list[float]) -> dict:
+  import numpy as np
+  ms = 1000 * np.asarray(seconds)
+  return {"p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95))}
+
+
+def _latency(path: str, inputs: dict, threads: int, iters: int) -> dict:
+  """p50 / p95 of one batch-1 signature-runner call (after 5 warm-up calls)."""
+  from ai_edge_litert.interpreter import Interpreter
+  interpreter = Interpreter(model_path=path, num_threads=threads)
+  runner = interpreter.get_signature_runner("serving_default")
+  for _ in range(5):
+    runner(**inputs)
+  times = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    runner(**inputs)
+    times.append(time.perf_counter() - t0)
+  return _percentiles(times)
+
+
+def _model_inputs(directory: str, manifest: dict, which: str) -> dict:
+  """Batch-1 inputs: a random normalised image, or a caption of the benchmark's grammar."""
+  import numpy as np
+  import tokenizers
+  from jaxdistill.data.tokenizer import encode
+  specs = manifest[f"{which}_encoder"]["inputs"]
+  if which == "image":
+    return {s["name"]: np.random.default_rng(0).normal(size=s["shape"]).astype(np.float32)
+            for s in specs}
+  tokenizer = tokenizers.Tokenizer.from_file(os.path.join(directory, "tokenizer.json"))
+  ids, mask = encode(tokenizer, ["a white sneaker above a black bag, with a shirt on the right"],
+                     manifest["text_encoder"]["max_len"])
+  return {specs[0]["name"]: ids, specs[1]["name"]: mask}
+
+
+def _end_to_end(export_dir: str, student_workdir: str) -> dict:
+  import numpy as np
+  from jaxdistill.data.benchmark import prepare_benchmark
+  from jaxdistill.search import load_export, top_k
+  config = _config("cpu", _QUANT.value)
+  bench = prepare_benchmark(config, student_workdir)
+  split = bench.splits["test"]
+  exported = load_export(export_dir, num_threads=2)
+  base = exported.embed_images(split.images)
+  rng = np.random.default_rng(0)
+  reps = -(-_INDEX.value // len(base))
+  index = np.tile(base, (reps, 1))[:_INDEX.value]
+  index = index + rng.normal(scale=0.01, size=index.shape).astype(np.float32)
+  index /= np.linalg.norm(index, axis=1, keepdims=True)
+  captions = [c for caps in split.captions for c in caps][:_QUERIES.value]
+  for caption in captions[:10]:
+    top_k(index, exported.embed_texts([caption]), 10)
+  total, encode, scan = [], [], []
+  for caption in captions:
+    t0 = time.perf_counter()
+    query = exported.embed_texts([caption])
+    t1 = time.perf_counter()
+    top_k(index, query, 10)
+    t2 = time.perf_counter()
+    total.append(t2 - t0), encode.append(t1 - t0), scan.append(t2 - t1)
+  return {"index_size": len(index), "embed_dim": int(index.shape[1]), "queries": len(captions),
+          "total": _percentiles(total), "tokenize+text model": _percentiles(encode),
+          "top-10 scan": _percentiles(scan)}
+
+
+def _search_check(export_dir: str, student_workdir: str, num_queries: int = 20) -> dict:
+  import numpy as np
+  from PIL import Image
+  from jaxdistill.data.benchmark import prepare_benchmark
+  split = prepare_benchmark(_config("cpu", _QUANT.value), student_workdir).splits["test"]
+  folder = os.path.join(_OUT.value, "test_images")
+  os.makedirs(folder, exist_ok=True)
+  for i, image in enumerate(split.images):
+    Image.fromarray(image).save(os.path.join(folder, f"{i:04d}.png"))
+  stride = len(split.images) // num_queries
+  rows = [(stride * q, q % 5) for q in range(num_queries)]
+  index = os.path.join(_OUT.value, "test_index.npz")
+  search = [sys.executable, "-m", "jaxdistill.search"]
+  subprocess.run(search + ["index", f"--export_dir={export_dir}", f"--images={folder}",
+                           f"--index={index}"], check=True)
+  out = subprocess.run(search + ["query", f"--export_dir={export_dir}", f"--index={index}",
+                                 "--k=10", *[split.captions[i][c] for i, c in rows]],
+                       check=True, capture_output=True, text=True).stdout
+  hits = [f"{i:04d}.png" in [r["path"] for r in json.loads(line)["results"]]
+          for (i, _), line in zip(rows, out.splitlines())]
+  with open(os.path.join(export_dir, "manifest.json")) as f:
+    p = json.load(f)["parity"]["t2i_r10_jax"] / 100
+  return {"queries": num_queries, "hits": int(sum(hits)), "expected_from_jax": p * num_queries,
+          "binomial_sd": float(np.sqrt(num_queries * p * (1 - p)))}
+
+
+def main(argv):
+  del argv
+  os.makedirs(_OUT.value, exist_ok=True)
+  results = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
+                        f"load average {os.getloadavg()[0]:.1f} at start",
+             "quantization": _QUANT.value, "models": {}}
+  manifests = {}
+  for name, export in (("student", _export_student), ("teacher", _export_teacher)):
+    directory = os.path.join(_OUT.value, f"{name}_{_QUANT.value}")
+    t0 = time.time()
+    manifests[name] = export(directory)
+    entry = results["models"][name] = {
+        "export_seconds": round(time.time() - t0, 1),
+        "bytes": {f: e["bytes"] for f, e in manifests[name]["files"].items()},
+        "parity": {k: manifests[name]["parity"][k] for k in (
+            "image_cosine_min", "text_cosine_min", "t2i_r1_jax", "t2i_r1_tflite")}}
+    iters = _ITERS.value if name == "student" else _TEACHER_ITERS.value
+    for which in ("image", "text"):
+      path = os.path.join(directory, f"{which}_encoder.tflite")
+      inputs = _model_inputs(directory, manifests[name], which)
+      for threads in (1, 2):
+        entry[f"{which}_{threads}t"] = _latency(path, inputs, threads, iters)
+  results["search_check"] = _search_check(os.path.join(_OUT.value, f"student_{_QUANT.value}"),
+                                          _STUDENT.value)
+  results["end_to_end"] = _end_to_end(os.path.join(_OUT.value, f"student_{_QUANT.value}"),
+                                      _STUDENT.value)
+  s, t = results["models"]["student"], results["models"]["teacher"]
+  size = lambda m: m["bytes"]["image_encoder.tflite"] + m["bytes"]["text_encoder.tflite"]
+  results["ratios"] = {
+      "student/teacher size": size(s) / size(t),
+      **{f"{which} speed-up ({threads}t, p50)":
+         t[f"{which}_{threads}t"]["p50_ms"] / s[f"{which}_{threads}t"]["p50_ms"]
+         for which in ("image", "text") for threads in (1, 2)}}
+  results["load_average_end"] = os.getloadavg()[0]
+  with open(os.path.join(_OUT.value, f"results_{_QUANT.value}.json"), "w") as f:
+    json.dump(results, f, indent=2)
+  print(_markdown(results))
+
+
+def _markdown(r: dict) -> str:
+  lines = [f"Machine: {r['machine']}; quantization {r['quantization']}.", "",
+           "| model | image MiB | text MiB | image p50/p95 ms (1t) | image (2t) | text p50/p95 ms (1t) | text (2t) |",
+           "|---|---|---|---|---|---|---|"]
+  for name, m in r["models"].items():
+    cell = lambda k: f"{m[k]['p50_ms']:.2f} / {m[k]['p95_ms']:.2f}"
+    lines.append(f"| {name} | {m['bytes']['image_encoder.tflite'] / 2**20:.2f} | "
+                 f"{m['bytes']['text_encoder.tflite'] / 2**20:.2f} | {cell('image_1t')} | "
+                 f"{cell('image_2t')} | {cell('text_1t')} | {cell('text_2t')} |")
+  lines += ["", *(f"- {k}: {v:.3f}" for k, v in r["ratios"].items())]
+  e = r["end_to_end"]
+  lines += ["", f"End to end ({e['queries']} queries, {e['index_size']} x {e['embed_dim']} index, 2 threads): "
+            + "; ".join(f"{k} p50 {v['p50_ms']:.2f} ms, p95 {v['p95_ms']:.2f} ms"
+                        for k, v in e.items() if isinstance(v, dict))]
+  c = r["search_check"]
+  lines += ["", f"Search check: {c['hits']}/{c['queries']} captions find their image in the top 10; "
+            f"JAX R@10 predicts {c['expected_from_jax']:.1f} (binomial sd {c['binomial_sd']:.1f})."]
+  return "\n".join(lines)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,196 @@
+"""--mode=export: a workdir's latest checkpoint -> `<workdir>/export/`:
+
+  image_encoder.tflite   images float32 [B, H, W, C] normalised -> embedding float32 [B, E]
+                         (B = config.export.image_batch_size, default 1)
+  text_encoder.tflite    ids int32 [1, L], mask int32 [1, L] -> embedding float32 [1, E]
+  tokenizer.json         the run's tokenizer
+  manifest.json          signatures, normalisation, versions, config, checksums, parity
+
+  python -m jaxdistill.main --config=configs/loopitr.py --workdir=runs/loopitr --mode=export \
+      [--config.export.quantization=none|float16|int8]
+
+One code path for every recipe: the towers are the Recipe's `embed_image` / `embed_text`
+(the embedding, [0]) closed over the params. `export_towers` takes params directly (a teacher
+exported from an initialisation, in benchmarks/export.py); `run` restores them and calls it.
+Files are written into a temporary directory next to export/, checked for parity, then renamed
+into place: a failed export (bad workdir, incompatible checkpoint, unconvertible op, missed
+parity bar) leaves export/ as it was and no partial files.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import tempfile
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from jaxdistill import methods
+from jaxdistill.data.benchmark import TOKENIZER_FILE, Benchmark, prepare_benchmark
+from jaxdistill.data.compositional import IMAGE_MEAN, IMAGE_STD, normalize_images
+from jaxdistill.data.tokenizer import load_tokenizer, save_tokenizer
+from jaxdistill.evaluate.report import write_json_atomic
+from jaxdistill.evaluate.retrieval import embed_in_batches
+from jaxdistill.export import ExportError, manifest, parity, tflite
+from jaxdistill.methods.base import Recipe
+from jaxdistill.parallel.mesh import make_mesh
+from jaxdistill.search import MANIFEST, load_export
+from jaxdistill.train.checkpoint import Checkpointer
+
+EXPORT_DIR = "export"
+IMAGE_FILE, TEXT_FILE = "image_encoder.tflite", "text_encoder.tflite"
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Exports the latest checkpoint of `workdir` into `<workdir>/export`; returns the manifest."""
+  return export_towers(*restore_student(config, workdir), os.path.join(workdir, EXPORT_DIR))
+
+
+def restore_student(config: ml_collections.ConfigDict, workdir: str
+                    ) -> tuple[Recipe, dict, ml_collections.ConfigDict, Benchmark, dict]:
+  """(recipe, params, config, benchmark, source) of the latest checkpoint of `workdir`, the
+  first arguments of `export_towers`."""
+  checkpoints = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(checkpoints):
+    raise ExportError(f"{checkpoints} does not exist: --workdir must be a training run's directory "
+                      f"(train first: --mode=train --workdir={workdir})")
+  tokenizer_path = os.path.join(workdir, TOKENIZER_FILE)
+  with config.unlocked():
+    config.model.vocab_size = load_tokenizer(tokenizer_path).get_vocab_size()
+  bench = prepare_benchmark(config, workdir)   # reads the run's tokenizer, writes nothing
+  steps_per_epoch = max(len(bench.splits["train"].image_ids) // config.batch_size, 1)
+  recipe = methods.build(config, make_mesh(config.mesh.data, config.mesh.fsdp), steps_per_epoch)
+  expected = jax.eval_shape(recipe.init_params, jax.random.PRNGKey(0))
+  params, step = restore_params(workdir, expected)
+  return recipe, params, config, bench, {"recipe": recipe.name, "workdir": os.path.abspath(workdir),
+                                         "step": step}
+
+
+def restore_params(workdir: str, expected) -> tuple[dict, int]:
+  """The params of the latest checkpoint, checked leaf by leaf against `expected`
+  (ShapeDtypeStructs of the config's model); returns (params, step)."""
+  checkpointer = Checkpointer(workdir)
+  try:
+    step = checkpointer.latest_step()
+    if step is None:
+      raise ExportError(f"no checkpoint in {checkpointer.directory}: train first with "
+                        f"--mode=train --workdir={workdir}")
+    where = f"{checkpointer.directory}/{step}"
+    try:
+      params = checkpointer.restore_raw(step)["params"]
+    except Exception as e:  # noqa: BLE001 - orbax / tensorstore raise many types for bad files
+      reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
+      raise ExportError(f"checkpoint {where} is unreadable ({reason}): re-train or point "
+                        "--workdir at a complete run") from e
+  finally:
+    checkpointer.close()
+  shapes = lambda tree: {jax.tree_util.keystr(k): tuple(v.shape)
+                         for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+  found, want = shapes(params), shapes(expected)
+  if found != want:
+    name = sorted(k for k in found.keys() | want.keys() if found.get(k) != want.get(k))[0]
+    trained = _trained_preset(workdir)
+    raise ExportError(f"checkpoint {where} does not fit the config's model: param {name} is "
+                      f"{found.get(name, 'missing')} in the checkpoint, {want.get(name, 'absent')} "
+                      f"in the config; export with the config the run was trained with{trained}")
+  return params, step
+
+
+def _trained_preset(workdir: str) -> str:
+  try:
+    with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+      c = json.load(f)
+    return f" (its config.json: method {c.get('method')!r}, preset {c.get('preset')!r})"
+  except (OSError, ValueError):
+    return ""
+
+
+def export_towers(recipe: Recipe, params, config: ml_collections.ConfigDict, bench: Benchmark,
+                  source: dict, directory: str, parity_images: int = 0) -> dict:
+  """Converts both towers with config.export.quantization, writes them, the tokenizer and the
+  manifest into `directory` (replacing it atomically) after the parity check on
+  config.export.parity_split (its first `parity_images` images and their captions; 0 = all).
+  Returns the manifest; raises ExportError, leaving `directory` untouched, on any failure."""
+  m, quantization = config.model, config.export.quantization
+  image_batch = config.export.image_batch_size
+  image_inputs = [tflite.InputSpec("images", (m.image_size, m.image_size, m.channels), "float32")]
+  text_inputs = [tflite.InputSpec("ids", (m.max_len,), "int32"),
+                 tflite.InputSpec("mask", (m.max_len,), "int32")]
+  embed_image = lambda p, images: recipe.embed_image(p, images)[0]
+  embed_text = lambda p, ids, mask: recipe.embed_text(p, ids, mask)[0]
+  parent = os.path.dirname(os.path.abspath(directory))
+  os.makedirs(parent, exist_ok=True)
+  staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(directory)}-")
+  try:
+    t0 = time.time()
+    for file, fn, inputs, what, batch in (
+        (IMAGE_FILE, embed_image, image_inputs, "image encoder", image_batch),
+        (TEXT_FILE, embed_text, text_inputs, "text encoder", 1)):
+      _write_bytes(os.path.join(staging, file),
+                   tflite.convert(fn, params, inputs, quantization, what, batch))
+    save_tokenizer(bench.tokenizer, os.path.join(staging, TOKENIZER_FILE))
+    entries = dict(
+        image=manifest.tower(IMAGE_FILE, image_inputs, image_batch, m.embed_dim, normalization={
+            "scale": 255.0, "mean": IMAGE_MEAN, "std": IMAGE_STD}),
+        text=manifest.tower(TEXT_FILE, text_inputs, 1, m.embed_dim, tokenizer=TOKENIZER_FILE,
+                            max_len=m.max_len, encoding=manifest.TEXT_ENCODING),
+        file_table=manifest.files(staging, (IMAGE_FILE, TEXT_FILE, TOKENIZER_FILE)),
+        quantization=quantization, source={**source, "convert_seconds": round(time.time() - t0, 1)},
+        config=json.loads(config.to_json_best_effort()))
+    write_json_atomic(os.path.join(staging, MANIFEST), manifest.build(**entries))
+    result = _parity(load_export(staging), functools.partial(embed_image, params),
+                     functools.partial(embed_text, params), bench, config.export.parity_split,
+                     quantization, parity_images, config.eval.batch_size)
+    print(parity.format_result(result), flush=True)
+    write_json_atomic(os.path.join(staging, MANIFEST), manifest.build(**entries, parity=result))
+    parity.check(result)
+    _publish(staging, directory)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  print(f"exported {recipe.name} ({quantization}) to {directory}: " + ", ".join(
+      f"{name} {entry['bytes'] / 2**20:.2f} MiB" for name, entry in entries["file_table"].items()),
+      flush=True)
+  return manifest.build(**entries, parity=result)
+
+
+def _parity(exported, embed_image, embed_text, bench: Benchmark, split: str, quantization: str,
+            num_images: int, batch_size: int) -> dict:
+  """parity.measure on the split's first `num_images` images (0 = all) and their captions."""
+  images = bench.splits[split].images
+  ids, mask = bench.tokens[split]
+  n = num_images or len(images)
+  length = ids.shape[-1]
+  images, ids, mask = images[:n], ids[:n].reshape(-1, length), mask[:n].reshape(-1, length)
+  caption_to_image = np.repeat(np.arange(n), bench.tokens[split][0].shape[1])
+  image_fn, text_fn = jax.jit(embed_image), jax.jit(embed_text)
+  jax_image = embed_in_batches(lambda a: image_fn(a["x"]), {"x": normalize_images(images)},
+                               batch_size)
+  jax_text = embed_in_batches(lambda a: text_fn(a["ids"], a["mask"]), {"ids": ids, "mask": mask},
+                              batch_size)
+  return parity.measure(exported, quantization, images, ids, mask, caption_to_image,
+                        jax_image, jax_text)
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+  with open(path, "wb") as f:
+    f.write(data)
+
+
+def _publish(staging: str, directory: str) -> None:
+  """Moves `staging` to `directory`, replacing an older export (two renames, then a delete)."""
+  os.chmod(staging, 0o755)   # mkdtemp makes 0o700; an export is for sharing
+  for name in os.listdir(staging):
+    os.chmod(os.path.join(staging, name), 0o644)
+  old = None
+  if os.path.exists(directory):
+    old = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(directory)),
+                           prefix=f".{os.path.basename(directory)}-old-")
+    os.rename(directory, os.path.join(old, "previous"))
+  os.rename(staging, directory)
+  if old:
+    shutil.rmtree(old, ignore_errors=True)

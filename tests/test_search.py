@@ -1,0 +1,149 @@
+"""`python -m jaxdistill.search` on a real export (tiny LoopITR towers from an initialisation,
+exported through the same `export_towers` as a checkpoint) and a folder of the test split's
+images as PNG files: no JAX or TensorFlow in its process, its top-10 hits for 20 captions equal
+to what the JAX towers rank, unreadable images skipped and counted, clear errors."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxdistill import methods
+from jaxdistill.data.benchmark import prepare_benchmark
+from jaxdistill.data.compositional import normalize_images
+from jaxdistill.evaluate.retrieval import recall_at_k
+from jaxdistill.export.run import export_towers
+from jaxdistill.parallel.mesh import make_mesh
+from jaxdistill.search import SearchError, load_export, load_index, top_k
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+from configs import loopitr  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_QUERIES = 20
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  """(export dir, image dir, bench, JAX image emb [64, E], JAX text emb [320, E])."""
+  root = tmp_path_factory.mktemp("search")
+  config = loopitr.get_config("tiny")
+  bench = prepare_benchmark(config, str(root))
+  config.model.vocab_size = bench.vocab_size
+  recipe = methods.build(config, make_mesh(), 1)
+  params = recipe.init_params(jax.random.PRNGKey(3))
+  export_towers(recipe, params, config, bench, {"recipe": "loopitr"}, str(root / "export"),
+                parity_images=8)
+  images = root / "images"
+  images.mkdir()
+  for i, image in enumerate(bench.splits["test"].images):
+    Image.fromarray(image).save(images / f"{i:03d}.png")
+  ids, mask = (t.reshape(-1, t.shape[-1]) for t in bench.tokens["test"])
+  images_normalized = normalize_images(bench.splits["test"].images)
+  jax_image = np.asarray(recipe.embed_image(params, images_normalized)[0])
+  jax_text = np.asarray(recipe.embed_text(params, ids, mask)[0])
+  return str(root / "export"), str(images), bench, jax_image, jax_text
+
+
+def _search(*args):
+  done = subprocess.run([sys.executable, "-m", "jaxdistill.search", *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=120)
+  return done.returncode, done.stdout, done.stderr
+
+
+def test_search_without_jax_matches_jax_ranking(setup, tmp_path):
+  export_dir, image_dir, bench, jax_image, jax_text = setup
+  index = str(tmp_path / "index.npz")
+  code, out, err = _search("index", f"--export_dir={export_dir}", f"--images={image_dir}",
+                           f"--index={index}")
+  assert code == 0, err
+  assert "indexed 64 images (0 unreadable" in out
+  # 20 captions spread over the split: caption (i % 5) of image 3i.
+  rows = [3 * i * 5 + i % 5 for i in range(NUM_QUERIES)]
+  captions = [bench.splits["test"].captions[r // 5][r % 5] for r in rows]
+  code, out, err = _search("query", f"--export_dir={export_dir}", f"--index={index}", "--k=10",
+                           *captions)
+  assert code == 0, err
+  answers = [json.loads(line) for line in out.splitlines()]
+  assert [a["query"] for a in answers] == captions
+  hits = [f"{r // 5:03d}.png" in [x["path"] for x in a["results"]] for r, a in zip(rows, answers)]
+
+  # What JAX predicts: each caption's own image among its top 10 of the JAX scores.
+  scores = jax_text[rows] @ jax_image.T
+  jax_hits = [int(np.sum(s > s[r // 5])) < 10 for r, s in zip(rows, scores)]
+  assert sum(h != j for h, j in zip(hits, jax_hits)) <= 1
+  p = recall_at_k(jax_image @ jax_text.T, np.repeat(np.arange(64), 5), ks=(10,))["t2i_r10"] / 100
+  assert abs(np.mean(hits) - p) <= 3 * np.sqrt(p * (1 - p) / NUM_QUERIES) + 1 / NUM_QUERIES
+
+
+def test_search_imports_no_jax_or_tensorflow(setup, tmp_path):
+  export_dir, image_dir, bench, _, _ = setup
+  index = str(tmp_path / "index.npz")
+  program = (
+      "import sys\n"
+      "from jaxdistill import search\n"
+      f"assert search._main(['index', '--export_dir={export_dir}', '--images={image_dir}', "
+      f"'--index={index}']) == 0\n"
+      f"assert search._main(['query', '--export_dir={export_dir}', '--index={index}', "
+      "'a bag']) == 0\n"
+      "heavy = ('jax', 'jaxlib', 'tensorflow', 'flax')\n"
+      "bad = sorted(m for m in sys.modules if m.split('.')[0] in heavy)\n"
+      "print('HEAVY', bad)\n")
+  done = subprocess.run([sys.executable, "-c", program], cwd=REPO, capture_output=True, text=True,
+                        timeout=120)
+  assert done.returncode == 0, done.stderr
+  assert "HEAVY []" in done.stdout
+
+
+def test_unreadable_images_are_skipped_and_counted(setup, tmp_path):
+  export_dir, image_dir, _, _, _ = setup
+  folder = tmp_path / "images"
+  shutil.copytree(image_dir, folder)
+  (folder / "broken.png").write_bytes(b"not a png")
+  (folder / "notes.txt").write_text("not an image")
+  code, out, _ = _search("index", f"--export_dir={export_dir}", f"--images={folder}",
+                         f"--index={tmp_path / 'index.npz'}")
+  assert code == 0 and "indexed 64 images (1 unreadable, skipped)" in out
+
+
+def test_clear_errors(setup, tmp_path):
+  export_dir, image_dir, _, _, _ = setup
+  code, _, err = _search("index", f"--export_dir={tmp_path / 'none'}", f"--images={image_dir}",
+                         f"--index={tmp_path / 'i.npz'}")
+  assert code == 2 and err.startswith("error: ") and "manifest.json does not exist" in err
+  code, _, err = _search("query", f"--export_dir={export_dir}", f"--index={tmp_path / 'i.npz'}",
+                         "x")
+  assert code == 2 and "index" in err and "does not exist" in err
+  assert not os.path.exists(tmp_path / "i.npz")
+
+  tampered = tmp_path / "export"
+  shutil.copytree(export_dir, tampered)
+  with open(tampered / "tokenizer.json", "a") as f:
+    f.write(" ")
+  with pytest.raises(SearchError, match="tokenizer.json is missing or differs from its checksum"):
+    load_export(str(tampered))
+
+
+def test_index_from_another_model_is_refused(setup, tmp_path):
+  export_dir, image_dir, _, _, _ = setup
+  index = tmp_path / "index.npz"
+  assert _search("index", f"--export_dir={export_dir}", f"--images={image_dir}",
+                 f"--index={index}")[0] == 0
+  with np.load(index) as data:
+    np.savez(index, embeddings=data["embeddings"], paths=data["paths"], image_model="0" * 64)
+  with pytest.raises(SearchError, match="another image model"):
+    load_index(str(index), load_export(export_dir))
+
+
+def test_top_k_hand_worked():
+  embeddings = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [-1.0, 0.0]], np.float32)
+  indices, scores = top_k(embeddings, np.array([[0.0, 1.0], [1.0, 0.0]], np.float32), k=2)
+  assert indices.tolist() == [[1, 2], [0, 2]]
+  np.testing.assert_allclose(scores, [[1.0, 0.8], [1.0, 0.6]], rtol=1e-6)
+  assert top_k(embeddings, embeddings[:1], k=10)[0].shape == (1, 4)   # k capped at N
