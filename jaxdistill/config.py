@@ -14,11 +14,13 @@ import difflib
 import os
 
 import ml_collections
+from jaxdistill.errors import JaxDistillError
 
 PRESETS = ("tiny", "cpu", "paper")
+EXPORT_QUANTIZATIONS = ("none", "float16", "int8")   # export/tflite.py
 
 
-class ConfigError(ValueError):
+class ConfigError(JaxDistillError, ValueError):
   """A config value that cannot work; the message names the key and the fix."""
 
 
@@ -94,6 +96,36 @@ def base_config(preset: str = "cpu") -> ml_collections.ConfigDict:
   e.batch_size = 64 if tiny else 250
   e.rerank_k = 16                # paper 003 Table 13: re-rank the dual encoder's top-k
   e.pair_batch_size = 256 if tiny else 1024
+
+  x = c.export = ml_collections.ConfigDict()   # --mode=export: TFLite towers (export/)
+  x.quantization = "none"        # none | float16 | int8 (dynamic range: int8 weights, float math)
+  x.parity_split = "test"        # held-out split for the TFLite-vs-JAX parity check
+  x.image_batch_size = 1         # static batch of image_encoder.tflite (1: phone; more: indexing)
+
+  te = c.teacher = ml_collections.ConfigDict()   # frozen teacher + its feature cache (teachers/)
+  te.kind = ""                   # "" (none) | loopitr_workdir | pretrained | lit
+  te.path = ""                   # teacher workdir (loopitr_workdir, lit) or checkpoint (pretrained)
+  te.dtype = "float32"           # float32 | bfloat16 (params and compute; outputs float32)
+  te.shard = False               # shard teacher params over the mesh's fsdp axis
+  te.cache_dir = ""              # --mode=cache_teacher output; "" = <workdir>/teacher_cache
+  te.cache_splits = "train"      # comma-separated splits to cache
+  te.top_n = 16                  # cross teacher: scores of each example's top-N (paper 002 §3.2.2)
+  te.batch_size = 64 if tiny else 256
+
+  mi = c.mining = ml_collections.ConfigDict()   # --mode=mine + hard-negative banks (mining/)
+  mi.tower_workdir = ""          # workdir of the trained run whose towers embed the corpus
+  mi.bank_dir = ""               # banks: written by --mode=mine ("" = <workdir>/bank), read by
+                                 # training when the recipe section's hard_negatives > 0
+  mi.split = "train"             # the corpus mined (paper 000 §3.2.2: the training corpus)
+  mi.num_neighbors = 16          # K negatives stored per example (training uses the first k)
+  mi.search = "scann"            # scann | exact (chunked jnp top-k)
+  mi.embed_batch_size = 64 if tiny else 256
+  mi.recall_queries = 1000       # queries checked against exact search (recall in mine.json)
+  mi.leaves_to_search_fraction = 0.05   # ScaNN rule, mining/scann_index.py; 0 below = derived
+  mi.num_leaves = 0
+  mi.num_leaves_to_search = 0
+  mi.training_sample_size = 0
+  mi.reorder = 0
   return c
 
 
@@ -143,8 +175,53 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         f"--config.data.fashion_mnist_dir={fm!r} is not a directory: point it at a directory "
         "holding the four Fashion-MNIST IDX files, or leave it empty to use Debian's "
         "dataset-fashion-mnist (apt-get install dataset-fashion-mnist)")
+  if "teacher" in config:
+    _validate_teacher(config)
+  if "export" in config:
+    _choice(config.export.quantization, "export.quantization", EXPORT_QUANTIZATIONS)
+    _choice(config.export.parity_split, "export.parity_split", ("val", "test"))
+    if config.export.image_batch_size < 1:
+      raise ConfigError(f"--config.export.image_batch_size={config.export.image_batch_size} must "
+                        "be at least 1 (1 for a phone, e.g. 32 for indexing)")
+  if "mining" in config:
+    _validate_mining(config)
   if config.method == "loopitr":
     _validate_loopitr(config)
+
+
+def _validate_mining(config) -> None:
+  mi = config.mining
+  _choice(mi.search, "mining.search", ("scann", "exact"))
+  _choice(mi.split, "mining.split", ("train", "val", "test"))
+  if mi.num_neighbors < 1 or mi.embed_batch_size < 1 or mi.recall_queries < 0:
+    raise ConfigError(f"--config.mining.num_neighbors={mi.num_neighbors}, embed_batch_size="
+                      f"{mi.embed_batch_size} must be positive and recall_queries >= 0")
+  if not 0.0 < mi.leaves_to_search_fraction <= 1.0:
+    raise ConfigError(f"--config.mining.leaves_to_search_fraction={mi.leaves_to_search_fraction} "
+                      "must lie in (0, 1]")
+  section = config.get(config.method, None)
+  k = section.get("hard_negatives", 0) if section is not None else 0
+  if k > 0 and not mi.bank_dir:
+    raise ConfigError(f"--config.{config.method}.hard_negatives={k} needs --config.mining.bank_dir: "
+                      "mine a bank first (--mode=mine, docs/mining.md) and point it there")
+  if k > mi.num_neighbors:
+    raise ConfigError(f"--config.{config.method}.hard_negatives={k} exceeds --config.mining."
+                      f"num_neighbors={mi.num_neighbors}: lower it or re-mine with more neighbours")
+
+
+def _validate_teacher(config) -> None:
+  te = config.teacher
+  _choice(te.kind, "teacher.kind", ("", "loopitr_workdir", "pretrained", "lit"))
+  _choice(te.dtype, "teacher.dtype", ("float32", "bfloat16"))
+  if te.kind and not te.path:
+    raise ConfigError(f"--config.teacher.kind={te.kind} needs --config.teacher.path (the teacher's "
+                      "workdir or checkpoint)")
+  if te.kind and not os.path.exists(te.path):
+    raise ConfigError(f"--config.teacher.path={te.path!r} does not exist: point it at the teacher's "
+                      "workdir or checkpoint")
+  if te.top_n < 1 or te.batch_size < 1:
+    raise ConfigError(f"--config.teacher.top_n={te.top_n} and --config.teacher.batch_size="
+                      f"{te.batch_size} must be positive")
 
 
 def _validate_loopitr(config) -> None:

@@ -4,6 +4,7 @@ Modes (`--mode`, each a `run(config, workdir)` function named in `MODES`):
   train          (default) train, resuming from the workdir's latest checkpoint; evaluate at the end
   eval           re-evaluate the workdir's latest checkpoint
   cache_teacher  run the config's teacher over the dataset once; store its features (teachers/cache.py)
+  train_lit      train the LiT teacher's heads on cached frozen-tower features (teachers/lit.py)
   mine           embed the corpus, build a ScaNN index and a hard-negative bank (mining/run.py)
   export         write the student's towers as TFLite models into <workdir>/export (export/run.py) Config overrides use ml_collections
 syntax, e.g. `--config.batch_size=64 --config.loopitr.num_negatives=1`.
@@ -30,6 +31,7 @@ MODES = {
     "train": "jaxdistill.train.loop:train_and_evaluate",
     "eval": "jaxdistill.train.loop:evaluate_workdir",
     "cache_teacher": "jaxdistill.teachers.cache:run",
+    "train_lit": "jaxdistill.teachers.lit:run",
     "mine": "jaxdistill.mining.run:run",
     "export": "jaxdistill.export.run:run",
 }
@@ -85,7 +87,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def main(argv: list[str]) -> None:
   del argv
   logging.set_verbosity(logging.WARNING)   # keep orbax's per-save INFO lines out of the progress
-  from jaxdistill.config import ConfigError, validate
+  from jaxdistill.config import validate
+  from jaxdistill.errors import JaxDistillError
   config = _CONFIG.value
   if config is None:
     _fail("--config is required, e.g. --config=configs/loopitr.py")
@@ -98,11 +101,11 @@ def main(argv: list[str]) -> None:
     validate(config, jax.device_count())
     from jaxdistill.data.fashion_mnist import validate_fashion_mnist_dir
     validate_fashion_mnist_dir(config.data.fashion_mnist_dir or None)
-  except (ConfigError, FileNotFoundError) as e:
+    module_name, function_name = MODES[_MODE.value].split(":")
+    run = getattr(importlib.import_module(module_name), function_name)
+    run(config, _WORKDIR.value)
+  except (JaxDistillError, FileNotFoundError) as e:
     _fail(str(e))
-  module_name, function_name = MODES[_MODE.value].split(":")
-  run = getattr(importlib.import_module(module_name), function_name)
-  run(config, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import zlib
 
 import chex
 import numpy as np
+from jaxdistill.errors import JaxDistillError
 
 DEFAULT_DIRS = ("/usr/share/datasets/fashion-mnist",)
 IMAGE_SIZE = 28
@@ -35,11 +36,11 @@ _FILES = {  # field -> (file stem, IDX magic number, number of dimensions)
 }
 
 
-class DataNotFoundError(FileNotFoundError):
+class DataNotFoundError(JaxDistillError, FileNotFoundError):
   """The Fashion-MNIST files are not where we looked."""
 
 
-class DataCorruptError(ValueError):
+class DataCorruptError(JaxDistillError, ValueError):
   """A Fashion-MNIST file exists but does not decode as the expected IDX array."""
 
 

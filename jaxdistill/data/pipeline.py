@@ -10,6 +10,7 @@ import jax
 import numpy as np
 
 from jaxdistill.data.compositional import CompositionalSplit, normalize_images
+from jaxdistill.mining.bank import MISSING, TrainingNegatives, caption_ids
 
 # Batches are computed on the fly from in-memory arrays: one worker thread, a short look-ahead.
 _READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
@@ -30,7 +31,8 @@ def _group_table(split: CompositionalSplit, group_size: int) -> np.ndarray:
 
 def train_dataset(split: CompositionalSplit, token_ids: np.ndarray, token_mask: np.ndarray, *,
                   global_batch_size: int, group_size: int, seed: int, process_index: int = 0,
-                  process_count: int = 1) -> grain.IterDataset:
+                  process_count: int = 1,
+                  negatives: TrainingNegatives | None = None) -> grain.IterDataset:
   """Infinite stream of this process's share of each global training batch.
 
   token_ids, token_mask: int32 [N, 5, L] (every caption of every image). Global batch k of epoch
@@ -40,7 +42,8 @@ def train_dataset(split: CompositionalSplit, token_ids: np.ndarray, token_mask: 
   Process p gets examples [p * b, (p + 1) * b) of the global batch, b = global_batch_size //
   process_count, so the global batch does not depend on the process count. Elements: image
   float32 [b, 56, 56, 1] (normalised), text_ids / text_mask int32 [b, L], image_id / group_id
-  int32 [b]. Iterators support get_state() / set_state()."""
+  int32 [b]. With `negatives` (mined banks, paper 000 §3.2.2 HN) each example also carries its k
+  hard negatives (see `_hard_negative_fields`). Iterators support get_state() / set_state()."""
   n = len(split.image_ids)
   chex.assert_shape(token_ids, (n, None, None))
   chex.assert_equal_shape([token_ids, token_mask])
@@ -64,14 +67,50 @@ def train_dataset(split: CompositionalSplit, token_ids: np.ndarray, token_mask: 
     chosen = order[position * groups_per_batch:(position + 1) * groups_per_batch]
     examples = groups[chosen].reshape(-1)[process_index * local:(process_index + 1) * local]
     caption = np.random.default_rng([seed, epoch, 1]).integers(captions_per_image, size=n)
-    return {"image": normalize_images(split.images[examples]),
-            "text_ids": token_ids[examples, caption[examples]],
-            "text_mask": token_mask[examples, caption[examples]],
-            "image_id": split.image_ids[examples],
-            "group_id": split.group_ids[examples]}
+    batch = {"image": normalize_images(split.images[examples]),
+             "text_ids": token_ids[examples, caption[examples]],
+             "text_mask": token_mask[examples, caption[examples]],
+             "image_id": split.image_ids[examples],
+             "group_id": split.group_ids[examples]}
+    if negatives is not None:
+      batch.update(_hard_negative_fields(negatives, split, token_ids, token_mask, examples,
+                                         caption[examples]))
+    return batch
 
   return (grain.MapDataset.range(steps_per_epoch).repeat()
           .map_with_index(make_batch).to_iter_dataset(_READ_OPTIONS))
+
+
+def _hard_negative_fields(negatives: TrainingNegatives, split: CompositionalSplit,
+                          token_ids: np.ndarray, token_mask: np.ndarray, examples: np.ndarray,
+                          slots: np.ndarray) -> dict[str, np.ndarray]:
+  """The k banked negatives of each example (the first k of the bank, so a batch depends on
+  the step alone and resume stays exact): neg_text_ids / neg_text_mask int32 [b, k, L] and
+  neg_text_owner int32 [b, k] (the image id of each negative caption), neg_image float32
+  [b, k, 56, 56, 1] and neg_image_owner int32 [b, k]. Entries missing from the bank or outside
+  this split get owner -1 (and example 0's data) and are masked out of the loss."""
+  k, per_image = negatives.k, negatives.captions_per_image
+  sorter = np.argsort(split.image_ids)
+  sorted_ids = split.image_ids[sorter]
+
+  def positions(ids):   # image ids [...] -> (split index, valid)
+    at = np.clip(np.searchsorted(sorted_ids, ids), 0, len(sorted_ids) - 1)
+    valid = (ids != MISSING) & (sorted_ids[at] == ids)
+    return np.where(valid, sorter[at], 0), valid
+
+  image_ids = split.image_ids[examples]
+  text_neg, _ = negatives.i2t.lookup(image_ids, k)                     # caption ids [b, k]
+  text_owner = np.where(text_neg == MISSING, MISSING, text_neg // per_image)
+  text_at, text_ok = positions(text_owner)
+  text_slot = np.where(text_ok, text_neg % per_image, 0)
+  image_neg, _ = negatives.t2i.lookup(caption_ids(image_ids, slots, per_image), k)  # [b, k]
+  image_at, image_ok = positions(image_neg)
+  return {"neg_text_ids": token_ids[text_at, text_slot],
+          "neg_text_mask": token_mask[text_at, text_slot],
+          "neg_text_owner": np.where(text_ok, text_owner, MISSING).astype(np.int32),
+          "neg_image": normalize_images(split.images[image_at.reshape(-1)]).reshape(
+              *image_at.shape, *split.images.shape[1:], 1),
+          "neg_image_owner": np.where(image_ok, image_neg, MISSING).astype(np.int32)}
 
 
 def eval_arrays(split: CompositionalSplit, token_ids: np.ndarray,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-RECIPES = ("loopitr",)
+RECIPES = ("loopitr", "dual", "cprd")
 
 
 def build(config, mesh, steps_per_epoch: int):

@@ -8,8 +8,10 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 
-# (params, teacher_params, batch, step) -> (loss scalar, metrics dict of scalars)
-LossFn = Callable[[Any, Any, dict, jax.Array], tuple[jax.Array, dict]]
+# (params, teacher_params, batch, step) -> (loss scalar, metrics dict of scalars); a recipe with
+# init_recipe_state gets the recipe state as a fifth argument and returns
+# (loss, (metrics, new recipe state)).
+LossFn = Callable[..., tuple[jax.Array, Any]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,7 +23,12 @@ class Recipe:
   match_scores(params, image_tokens [P,M,D], text_tokens [P,L,D], text_mask [P,L]) -> [P]
     (cross encoder's positive-class logit), or None for recipes without a cross encoder.
   teacher_params: frozen params of an offline teacher, or None.
-  ema_momentum: > 0 when the recipe keeps an EMA of its params in the TrainState.
+  ema_momentum: > 0 when the recipe keeps an EMA of its params in the TrainState; loss_fn then
+    gets the EMA params as its teacher argument, or the pair (ema_params, teacher_params) when
+    the recipe has both (a momentum encoder beside a frozen teacher, CPRD).
+  init_recipe_state: () -> pytree of arrays the recipe carries from step to step (e.g. CPRD's
+    feature queues), or None. It lives in TrainState.recipe_state (replicated, checkpointed)
+    and loss_fn takes and returns it (see LossFn).
   """
   name: str
   model: nn.Module
@@ -32,3 +39,4 @@ class Recipe:
   match_scores: Callable | None
   teacher_params: Any = None
   ema_momentum: float = 0.0
+  init_recipe_state: Callable[[], Any] | None = None

@@ -22,6 +22,7 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
+from jaxdistill.errors import JaxDistillError
 
 StateDict = dict[str, np.ndarray]
 Rules = Sequence[tuple[str, str]]
@@ -35,7 +36,7 @@ _WRAPPER_KEYS = ("state_dict", "model")
 _SHOWN = 5  # how many key names an error lists
 
 
-class CheckpointError(ValueError):
+class CheckpointError(JaxDistillError, ValueError):
   """A checkpoint that cannot be read or does not fit the model (names the key and the fix)."""
 
 

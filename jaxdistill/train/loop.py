@@ -15,8 +15,10 @@ import ml_collections
 from jaxdistill import methods
 from jaxdistill.data import pipeline
 from jaxdistill.data.benchmark import prepare_benchmark
+from jaxdistill.evaluate.plots import write_plots
 from jaxdistill.evaluate.report import write_json_atomic
 from jaxdistill.evaluate.run import evaluate_and_report
+from jaxdistill.mining.bank import training_negatives
 from jaxdistill.parallel.mesh import batch_sharding, make_mesh
 from jaxdistill.train.checkpoint import Checkpointer, abstract_like
 from jaxdistill.train.metrics import MetricsWriter, Progress
@@ -41,7 +43,9 @@ class _Preemption:
 
 def _init_state(recipe, tx, mesh, key) -> tuple[TrainState, object]:
   """Creates the state directly with its shardings (no host copy of the params)."""
-  make = lambda k: create_train_state(recipe.init_params(k), tx, with_ema=recipe.ema_momentum > 0)
+  make = lambda k: create_train_state(
+      recipe.init_params(k), tx, with_ema=recipe.ema_momentum > 0,
+      recipe_state=None if recipe.init_recipe_state is None else recipe.init_recipe_state())
   shardings = state_shardings(mesh, jax.eval_shape(make, key))
   return jax.jit(make, out_shardings=shardings)(key), shardings
 
@@ -62,7 +66,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
   dataset = pipeline.train_dataset(
       train_split, *bench.tokens["train"], global_batch_size=config.batch_size,
       group_size=config.data.group_size, seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count())
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      negatives=training_negatives(config, train_split.image_ids, bench.tokens["train"][0].shape[1]))
   data_iter = iter(dataset)
   data_sharding = batch_sharding(mesh)
   # --- recipe, optimiser, state ---
@@ -115,6 +120,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
   results["train_seconds_this_run"] = train_seconds
   results["step"] = int(state.step)
   write_json_atomic(os.path.join(workdir, "eval.json"), results)
+  _write_plots(workdir)
   return results
 
 
@@ -137,7 +143,15 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
   results = evaluate_and_report(recipe, state.params, bench, config, split=config.eval.split)
   results["step"] = int(state.step)
   write_json_atomic(os.path.join(workdir, "eval.json"), results)
+  _write_plots(workdir)
   return results
+
+
+def _write_plots(workdir: str) -> None:
+  """Writes <workdir>/plots/*.png (evaluate/plots.py) on the first process; prints the paths."""
+  if jax.process_index() == 0:
+    for path in write_plots(workdir):
+      print(f"plot: {path}", flush=True)
 
 
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
