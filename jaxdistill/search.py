@@ -21,13 +21,13 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 
 import numpy as np
 import tokenizers
 
 from jaxdistill.data.tokenizer import encode
 from jaxdistill.errors import JaxDistillError
+from jaxdistill.atomic import atomic_open
 
 MANIFEST = "manifest.json"
 SIGNATURE = "serving_default"
@@ -162,13 +162,9 @@ def index_folder(exported: Exported, image_dir: str, batch_size: int = 64) -> In
 
 def save_index(index: Index, path: str) -> None:
   """Writes the index as .npz via a temporary file and a rename (never half-written)."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  with tempfile.NamedTemporaryFile(dir=directory, prefix=".index-", suffix=".tmp",
-                                   delete=False) as f:
+  with atomic_open(path, "wb") as f:
     np.savez(f, embeddings=index.embeddings, paths=np.asarray(index.paths),
              image_model=np.asarray(index.image_model))
-  os.replace(f.name, path)
 
 
 def load_index(path: str, exported: Exported) -> Index:

@@ -5,11 +5,11 @@ to fixed-length id / mask arrays."""
 from __future__ import annotations
 
 import os
-import tempfile
 
 import numpy as np
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
+from jaxdistill.atomic import atomic_open
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = range(len(SPECIAL_TOKENS))
@@ -48,11 +48,8 @@ def build_tokenizer(texts: list[str], vocab_size: int = 256) -> tokenizers.Token
 
 def save_tokenizer(tokenizer: tokenizers.Tokenizer, path: str) -> None:
   """Writes the tokenizer JSON to `path` via a temporary file and a rename (never half-written)."""
-  directory = os.path.dirname(os.path.abspath(path))
-  with tempfile.NamedTemporaryFile("w", dir=directory, prefix=".tokenizer-", suffix=".tmp",
-                                   delete=False, encoding="utf-8") as f:
+  with atomic_open(path, "w", encoding="utf-8") as f:
     f.write(tokenizer.to_str())
-  os.replace(f.name, path)
 
 
 def load_tokenizer(path: str) -> tokenizers.Tokenizer:

@@ -11,11 +11,11 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from jaxdistill.atomic import atomic_open
 
 PLOTS_DIR = "plots"
 LOSS_PARTS = ("loss", "itc", "itm", "mlm", "distill")   # the parts train/loop.py prints
@@ -89,20 +89,9 @@ def _value(metrics: dict, key: str) -> float:
 
 def _save(fig: Figure, path: str) -> str:
   """Writes `fig` as PNG to `path` atomically (temporary name in the same directory)."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
   FigureCanvasAgg(fig)
-  fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
-                                  suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      fig.savefig(f, format="png", dpi=DPI)
-    os.chmod(tmp_path, 0o644)
-    os.replace(tmp_path, path)
-  except BaseException:
-    if os.path.exists(tmp_path):
-      os.remove(tmp_path)
-    raise
+  with atomic_open(path, "wb") as f:
+    fig.savefig(f, format="png", dpi=DPI)
   return path
 
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Any
 
 import numpy as np
+from jaxdistill.atomic import atomic_open
 
 # (metric key, column header, format)
 _COLUMNS = (("i2t_r1", "i2t R@1", "{:.1f}"), ("i2t_r5", "R@5", "{:.1f}"),
@@ -53,30 +53,13 @@ def _to_json(value: Any) -> Any:
 def write_json_atomic(path: str, obj: Any) -> None:
   """Writes `obj` as JSON to `path` so readers see the old file or the whole new one, never half.
 
-  Writes a temporary file in the same directory, fsyncs it, `os.replace`s it onto `path` and
-  fsyncs the directory; on any error the temporary file is removed and `path` is untouched.
-  The file gets mode 0o644 (a report, not a secret).
+  Through `jaxdistill.atomic.atomic_open` (temporary file, fsync, rename); on any error `path`
+  is untouched. The directory must exist.
   """
   directory = os.path.dirname(os.path.abspath(path))
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"cannot write {path}: directory {directory} does not exist; create it "
                             f"first")
-  fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
-                                  suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(obj, f, indent=2, default=_to_json)
-      f.write("\n")
-      f.flush()
-      os.fsync(f.fileno())
-    os.chmod(tmp_path, 0o644)
-    os.replace(tmp_path, path)
-  except BaseException:
-    if os.path.exists(tmp_path):
-      os.remove(tmp_path)
-    raise
-  dir_fd = os.open(directory, os.O_RDONLY)
-  try:
-    os.fsync(dir_fd)
-  finally:
-    os.close(dir_fd)
+  with atomic_open(path, "w") as f:
+    json.dump(obj, f, indent=2, default=_to_json)
+    f.write("\n")

@@ -18,6 +18,7 @@ import os
 
 import ml_collections
 import numpy as np
+from jaxdistill.atomic import atomic_open
 
 I2T_FILE, T2I_FILE = "i2t.npy", "t2i.npy"
 MISSING = -1
@@ -43,18 +44,8 @@ def write_bank(path: str, keys: np.ndarray, ids: np.ndarray, scores: np.ndarray)
                                ("scores", np.float32, (k,))])
   order = np.argsort(keys, kind="stable")
   records["key"], records["ids"], records["scores"] = keys[order], ids[order], scores[order]
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}.npy"
-  try:
-    with open(tmp, "wb") as f:
-      np.save(f, records)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  with atomic_open(path, "wb") as f:
+    np.save(f, records)
 
 
 class Bank:

@@ -42,6 +42,7 @@ from jaxdistill.pretrained.checkpoint import read_config
 from jaxdistill.teachers.base import Teacher, cast_params, encode_padded, make_teacher
 from jaxdistill.teachers.cache import FeatureCache, cache_split
 from jaxdistill.train.metrics import Progress
+from jaxdistill.atomic import atomic_open
 
 GRID = 2                  # the benchmark's 2x2 grid of cells
 HEADS_FILE, SETTINGS_FILE = "lit_heads.msgpack", "lit.json"
@@ -184,12 +185,8 @@ def train_heads(lc: ml_collections.ConfigDict, train: FeatureCache, group_ids: n
 
 
 def _write_bytes_atomic(path: str, data: bytes) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "wb") as f:
+  with atomic_open(path, "wb") as f:
     f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
 
 
 def from_workdir(path: str, dtype: str = "float32") -> Teacher:
