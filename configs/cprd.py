@@ -12,6 +12,10 @@ Ablations:
   --config.cprd.num_hard=8                   (Table 3: K in 2, 4, 8, 16, 32)
   --config.cprd.threshold=0.5                (Table 4: m in 0, 0.5, 0.75, 0.9, 1)
   --config.cprd.teacher_scores=dual          (the teacher's dual-encoder cosine as the target)
+Offline variant (§3.2.2; scores from the similarity bank, no teacher in the step):
+  python -m jaxdistill.main --config=configs/cprd.py --workdir=runs/cprd --mode=cache_teacher
+  python -m jaxdistill.main --config=configs/cprd.py --workdir=runs/cprd \
+      --config.cprd.bank_dir=runs/cprd/teacher_cache/train
 """
 
 import ml_collections
@@ -38,8 +42,11 @@ def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
   cp.num_hard = 4 if tiny else 16                                    # K (Table 3)
   cp.threshold = 0.75                                                # m (Table 4)
   cp.distill_weight = 1.0                                            # eq. 9: L_align + L_CPRD
+  # Offline CPRD (§3.2.2): a teacher cache of the train split with a cross bank, e.g.
+  # runs/student/teacher_cache/train from --mode=cache_teacher; "" = score online.
+  cp.bank_dir = ""
 
   te = config.teacher
-  te.kind = "loopitr_workdir"
+  te.kind = "workdir"
   te.path = "" if tiny else "runs/loopitr"
   return config

@@ -11,6 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from jaxdistill.methods import cprd as cprd_method
+from jaxdistill.methods.dual import build_model as build_student
 from jaxdistill.models.loopitr import LoopITRModel, build_model, init_params
 from jaxdistill.parallel import queue as fq
 from jaxdistill.parallel.mesh import batch_sharding, make_mesh, replicated
@@ -19,7 +20,7 @@ from jaxdistill.teachers.base import make_teacher
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 from configs import cprd as cprd_config  # noqa: E402
 
-B, L, N_TRAIN, OFFSET = 16, 12, 64, 1000
+B, L, N_TRAIN, OFFSET, C = 16, 12, 64, 1000, 2   # C: captions per train image
 
 
 def _config(**overrides):
@@ -63,7 +64,7 @@ def setup():
   rng = np.random.default_rng(2)
   frozen = {"teacher": t_params,
             "images": rng.normal(size=(N_TRAIN, 56, 56, 1)).astype(np.float32)}
-  student = cprd_method.build_student(config.model)
+  student = build_student(config.model)
   params = student.init(jax.random.PRNGKey(0), jnp.zeros((1, 56, 56, 1)),
                         jnp.zeros((1, L), jnp.int32), jnp.ones((1, L), jnp.int32))["params"]
   ema = jax.tree.map(lambda x: x + 0.01 * jnp.sin(x), params)
@@ -85,7 +86,7 @@ def setup():
 def _loss_and_grads(config, mesh, setup, distill_teacher=True):
   teacher, frozen, params, ema, queue = setup
   score = cprd_method._scorer(teacher, "cross")
-  loss_fn = cprd_method.make_loss_fn(config, cprd_method.build_student(config.model), score, OFFSET)
+  loss_fn = cprd_method.make_loss_fn(config, build_student(config.model), score, OFFSET, C)
   rep = replicated(mesh)
   teachers = (ema, frozen) if distill_teacher else ema
   fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True),
@@ -125,11 +126,66 @@ def test_other_switches_are_finite_and_enqueue_the_batch(setup):
                                 _batch()["image_id"])
 
 
+def test_offline_bank_equals_online_teacher_when_it_holds_every_pair(setup):
+  """§3.2.2: a bank holding every (image, caption) pair's cross score gives the online loss and
+  gradients when every queue entry is scorable online (N_c = N_q); pairs absent from the bank
+  are invalid: an empty bank scores no hard negative and distils nothing."""
+  teacher, _, params, ema, _ = setup
+  rng = np.random.default_rng(5)
+  images = rng.normal(size=(N_TRAIN, 56, 56, 1)).astype(np.float32)
+  ids, mask = _tokens(rng, N_TRAIN * C)                 # caption row r = C * image row + caption
+  rows, caption = 2 * np.arange(B), rng.integers(0, C, B).astype(np.int32)
+  batch = {"image": images[rows], "text_ids": ids[rows * C + caption],
+           "text_mask": mask[rows * C + caption], "image_id": (OFFSET + rows).astype(np.int32),
+           "caption_index": caption}
+  # The cross teacher's probability for every (image row, caption row): [N_TRAIN, N_TRAIN * C].
+  score = jax.jit(lambda image: jax.nn.sigmoid(teacher.match_scores(
+      teacher.params, jnp.broadcast_to(image, (N_TRAIN * C, *image.shape)), ids, mask)))
+  table = np.stack([np.asarray(score(image)) for image in images])
+  full = {"i2t_keys": np.tile(np.arange(N_TRAIN * C, dtype=np.int32), (N_TRAIN, 1)),
+          "i2t_scores": table, "t2i_keys": np.tile(np.arange(N_TRAIN, dtype=np.int32), (N_TRAIN * C, 1)),
+          "t2i_scores": np.ascontiguousarray(table.T)}
+  q_rows = rng.integers(0, N_TRAIN, 30).astype(np.int32)
+  q_caption_rows = q_rows * C + rng.integers(0, C, 30).astype(np.int32)
+  unit = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+  entries = {"image": unit(rng.normal(size=(30, 32))), "text": unit(rng.normal(size=(30, 32))),
+             "image_index": q_rows, "text_ids": ids[q_caption_rows], "text_mask": mask[q_caption_rows]}
+
+  def run(config, frozen, with_caption_row):
+    spec = cprd_method.queue_spec(config)
+    queue = fq.create_queue(config.cprd.queue_size, spec)
+    values = dict(entries, caption_row=q_caption_rows) if with_caption_row else entries
+    queue = fq.enqueue(queue, values, (OFFSET + q_rows).astype(np.int32))
+    scorer = None if with_caption_row else cprd_method._scorer(teacher, "cross")
+    loss_fn = cprd_method.make_loss_fn(config, build_student(config.model), scorer, OFFSET, C)
+    return jax.device_get(jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
+        params, (ema, frozen), batch, jnp.asarray(3), queue))
+
+  online_config = _config(distill="cprd", threshold=0.5, cross_queue_size=40)
+  offline_config = _config(distill="cprd", threshold=0.5, cross_queue_size=40, bank_dir="bank")
+  (l_on, (m_on, _)), g_on = run(online_config, {"teacher": teacher.params, "images": images}, False)
+  (l_off, (m_off, q_off)), g_off = run(offline_config, full, True)
+  assert float(m_on["i2t_cprd_valid"]) > 0 and float(m_on["t2i_cprd_valid"]) > 0
+  np.testing.assert_allclose(l_off, l_on, rtol=1e-5)
+  for k in m_on:
+    np.testing.assert_allclose(m_off[k], m_on[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g_off, g_on)
+  np.testing.assert_array_equal(q_off.values["caption_row"][30:], rows[:10] * C + caption[:10])
+  empty = {k: (np.full_like(v, -1) if k.endswith("keys") else v) for k, v in full.items()}
+  (l_empty, (m_empty, _)), _ = run(offline_config, empty, True)
+  assert float(m_empty["i2t_scored"]) == 0 and float(m_empty["distill"]) == 0
+  np.testing.assert_allclose(l_empty, m_empty["itc"], rtol=1e-6)
+
+
 def test_bad_switch_names_the_key():
   with pytest.raises(ValueError, match="cprd.distill"):
     cprd_method.validate(_config(distill="mse"))
   with pytest.raises(ValueError, match="cross_queue_size"):
     cprd_method.validate(_config(cross_queue_size=41))
+  with pytest.raises(ValueError, match="bank_dir is the offline CPRD variant.*not kl"):
+    cprd_method.validate(_config(distill="kl", bank_dir="runs/x"))
+  with pytest.raises(ValueError, match="bank_dir=/nonexistent holds no finished teacher cache"):
+    cprd_method.validate(_config(bank_dir="/nonexistent"))
 
 
 def test_queue_restored_from_checkpoint_through_the_loop(tmp_path):

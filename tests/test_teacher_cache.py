@@ -15,7 +15,7 @@ import pytest
 
 from jaxdistill.data.pipeline import eval_arrays
 from jaxdistill.teachers.cache import FeatureCache, cache_split
-from jaxdistill.teachers.loopitr import from_workdir
+from jaxdistill.teachers.workdir import from_workdir
 from tests.test_teachers import tiny_run  # noqa: F401 - the shared session fixture
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,6 +67,16 @@ def test_round_trip_keyed_by_id(setup, tmp_path):
                                       batch_size=BATCH, top_n=TOP_N, bank=("i2t",), log=lambda line: None))
   np.testing.assert_array_equal(i2t_only.i2t_score, cache.i2t_score)
   assert "t2i_score" not in i2t_only.meta["arrays"]
+  # The same bank read by offline CPRD (methods/cprd.py load_bank): sigmoid of the logits.
+  from jaxdistill.config import ConfigError
+  from jaxdistill.methods.cprd import load_bank
+  bank = load_bank(str(tmp_path / "test"), data["image_ids"], 5)
+  np.testing.assert_allclose(bank["i2t_scores"], 1 / (1 + np.exp(-cache.i2t_score)), rtol=1e-6)
+  np.testing.assert_array_equal(bank["t2i_keys"], cache.t2i_index)
+  with pytest.raises(ConfigError, match="cprd.bank_dir=.*another train split"):
+    load_bank(str(tmp_path / "test"), data["image_ids"] + 1, 5)
+  with pytest.raises(ConfigError, match="no i2t \\+ t2i cross bank"):
+    load_bank(str(tmp_path / "i2t" / "test"), data["image_ids"], 5)
 
 
 def test_interrupted_run_resumes_to_the_same_cache(setup, tmp_path):
@@ -113,7 +123,7 @@ def test_sigkill_then_rerun_of_cache_teacher_mode(setup, tmp_path):
   workdir, teacher, _, val_images = setup
   out = tmp_path / "student"
   command = [sys.executable, "-m", "jaxdistill.main", "--config=configs/loopitr.py:tiny",
-             f"--workdir={out}", "--mode=cache_teacher", "--config.teacher.kind=loopitr_workdir",
+             f"--workdir={out}", "--mode=cache_teacher", "--config.teacher.kind=workdir",
              f"--config.teacher.path={workdir}", "--config.teacher.batch_size=8",
              "--config.teacher.top_n=4", "--config.teacher.cache_splits=val"]
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")

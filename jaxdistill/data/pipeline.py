@@ -42,7 +42,8 @@ def train_dataset(split: CompositionalSplit, token_ids: np.ndarray, token_mask: 
   Process p gets examples [p * b, (p + 1) * b) of the global batch, b = global_batch_size //
   process_count, so the global batch does not depend on the process count. Elements: image
   float32 [b, 56, 56, 1] (normalised), text_ids / text_mask int32 [b, L], image_id / group_id
-  int32 [b]. With `negatives` (mined banks, paper 000 §3.2.2 HN) each example also carries its k
+  int32 [b], caption_index int32 [b] (which of the image's captions text_ids is). With
+  `negatives` (mined banks, paper 000 §3.2.2 HN) each example also carries its k
   hard negatives (see `_hard_negative_fields`). Iterators support get_state() / set_state()."""
   n = len(split.image_ids)
   chex.assert_shape(token_ids, (n, None, None))
@@ -71,6 +72,7 @@ def train_dataset(split: CompositionalSplit, token_ids: np.ndarray, token_mask: 
              "text_ids": token_ids[examples, caption[examples]],
              "text_mask": token_mask[examples, caption[examples]],
              "image_id": split.image_ids[examples],
+             "caption_index": caption[examples].astype(np.int32),
              "group_id": split.group_ids[examples]}
     if negatives is not None:
       batch.update(_hard_negative_fields(negatives, split, token_ids, token_mask, examples,

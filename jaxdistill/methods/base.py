@@ -8,6 +8,8 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 
+from jaxdistill.models.dual import DualEncoder
+
 # (params, teacher_params, batch, step) -> (loss scalar, metrics dict of scalars); a recipe with
 # init_recipe_state gets the recipe state as a fifth argument and returns
 # (loss, (metrics, new recipe state)).
@@ -40,3 +42,15 @@ class Recipe:
   teacher_params: Any = None
   ema_momentum: float = 0.0
   init_recipe_state: Callable[[], Any] | None = None
+
+
+def dual_towers(model: DualEncoder) -> tuple[Callable, Callable]:
+  """(embed_image, embed_text) of a DualEncoder in the Recipe's signatures (see Recipe)."""
+
+  def embed_image(params, images):
+    return model.apply({"params": params}, images, method=DualEncoder.encode_image)
+
+  def embed_text(params, ids, mask):
+    return model.apply({"params": params}, ids, mask, method=DualEncoder.encode_text)
+
+  return embed_image, embed_text

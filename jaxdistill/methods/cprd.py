@@ -21,12 +21,20 @@ random augmentation) and its caption's token ids and mask (L int32 each, smaller
 index + caption pair lookup would save, and independent of which caption the pipeline drew).
 Q_c is the N_c most recent entries of Q (`queue.age < N_c`), so one ring buffer serves both.
 
+Offline (`cprd.bank_dir`, §3.2.2): scores come from the similarity bank that
+`--mode=cache_teacher` wrote with a cross teacher (each image's and each caption's top-N
+candidates by dual-teacher similarity, with the cross teacher's logit); a hard negative absent
+from its query's bank entry is invalid, and any queue entry may be scored (no N_c limit). The
+queue then also stores each entry's caption row, the key of a text in the bank.
+
 Teacher scores (`cprd.teacher_scores`): "cross" = sigmoid of the cross encoder's positive-class
 ITM logit (Teacher.match_scores), the p in [0, 1] that eq. 4's threshold m reads; "dual" =
 cosine similarity of the teacher's dual-encoder embeddings (then m is a cosine threshold).
 """
 
 from __future__ import annotations
+
+import os
 
 import jax
 import jax.numpy as jnp
@@ -39,27 +47,17 @@ from jaxdistill.data.benchmark import prepare_benchmark
 from jaxdistill.data.compositional import normalize_images
 from jaxdistill.losses import ranking
 from jaxdistill.losses.contrastive import contrastive_loss
-from jaxdistill.methods.base import Recipe
+from jaxdistill.methods.base import Recipe, dual_towers
+from jaxdistill.methods.dual import build_model, param_initializer
 from jaxdistill.models.dual import DualEncoder
-from jaxdistill.models.text import TextEncoder
-from jaxdistill.models.vit import ViT
 from jaxdistill.parallel import queue as fq
 from jaxdistill.parallel.mesh import replicated
 from jaxdistill.teachers import load_teacher
+from jaxdistill.teachers.cache import FeatureCache
 
 DISTILL = ("none", "kl", "m3se", "rm3se", "cprd", "cprd_mstar")
 TEACHER_SCORES = ("cross", "dual")
 _NEG = -1e30   # finite "minus infinity" for masked logits (no NaN in empty rows)
-
-
-def build_student(mc: ml_collections.ConfigDict) -> DualEncoder:
-  """The dual-encoder student (models/dual.py) from the `model` config section."""
-  image = ViT(mc.patch_size, mc.vision_width, mc.vision_layers, mc.vision_heads, mc.vision_mlp,
-              stem=mc.stem, dropout_rate=mc.dropout_rate)
-  text = TextEncoder(mc.vocab_size, mc.max_len, mc.text_width, mc.text_layers, mc.text_heads,
-                     mc.text_mlp, dropout_rate=mc.dropout_rate)
-  return DualEncoder(image, text, mc.embed_dim, image_pool=mc.image_pool,
-                     temperature_init=mc.temperature_init)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -80,9 +78,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       "--config.cprd.distill=none for ITC alone")
   if not 0.0 < cp.momentum < 1.0:
     raise ConfigError(f"--config.cprd.momentum={cp.momentum} must lie in (0, 1) (paper: 0.995)")
-  if cp.distill != "none" and not (config.teacher.kind and config.teacher.path):
+  if cp.bank_dir:
+    if cp.distill not in ("cprd", "cprd_mstar"):
+      raise ConfigError(f"--config.cprd.bank_dir is the offline CPRD variant (§3.2.2) and works with "
+                        f"--config.cprd.distill=cprd or cprd_mstar, not {cp.distill}: the Table 5 "
+                        "baselines also need the positive pair's score, which the bank does not hold")
+    if cp.teacher_scores != "cross":
+      raise ConfigError("--config.cprd.bank_dir holds cross-encoder scores: set "
+                        "--config.cprd.teacher_scores=cross (or drop bank_dir for the dual target)")
+    if not os.path.exists(os.path.join(cp.bank_dir, "meta.json")):
+      raise ConfigError(f"--config.cprd.bank_dir={cp.bank_dir} holds no finished teacher cache: "
+                        "build one with --mode=cache_teacher (a LoopITR teacher) and point at its "
+                        "train/ directory")
+  elif cp.distill != "none" and not (config.teacher.kind and config.teacher.path):
     raise ConfigError(f"--config.cprd.distill={cp.distill} needs a frozen teacher: set "
-                      "--config.teacher.kind=loopitr_workdir --config.teacher.path=<LoopITR workdir>")
+                      "--config.teacher.kind=workdir --config.teacher.path=<LoopITR workdir>, or "
+                      "--config.cprd.bank_dir=<teacher cache>/train for offline scores")
 
 
 def _scorer(teacher, kind: str):
@@ -116,30 +127,56 @@ def _scorer(teacher, kind: str):
   return dual
 
 
+def load_bank(bank_dir: str, train_image_ids: np.ndarray, captions_per_image: int) -> dict:
+  """The offline similarity bank (§3.2.2) of a finished teacher cache of the train split as
+  device-ready arrays: i2t_keys int32 [N, n] (caption rows c = C * image row + caption),
+  i2t_scores [N, n], t2i_keys [N*C, n] (image rows), t2i_scores [N*C, n]; scores are the
+  sigmoid of the cross teacher's ITM logit, as the online `cross` target."""
+  try:
+    cache = FeatureCache(bank_dir)
+  except FileNotFoundError as e:
+    raise ConfigError(f"--config.cprd.bank_dir={bank_dir}: {e}") from None
+  if not cache.has_bank or sorted(cache.meta["bank"]) != ["i2t", "t2i"]:
+    raise ConfigError(f"--config.cprd.bank_dir={bank_dir} has no i2t + t2i cross bank: rerun "
+                      "--mode=cache_teacher with a cross teacher (teacher.kind=workdir of a LoopITR run)")
+  if (cache.meta["captions_per_image"] != captions_per_image
+      or not np.array_equal(np.asarray(cache.image_ids), train_image_ids)):
+    raise ConfigError(f"--config.cprd.bank_dir={bank_dir} was cached for another train split "
+                      f"({len(cache.image_ids)} images x {cache.meta['captions_per_image']} captions; "
+                      f"this run trains on {len(train_image_ids)} x {captions_per_image}): rerun "
+                      "--mode=cache_teacher with this config's data settings")
+  sigmoid = lambda x: (1.0 / (1.0 + np.exp(-np.asarray(x, np.float64)))).astype(np.float32)
+  return {"i2t_keys": np.asarray(cache.i2t_index, np.int32), "i2t_scores": sigmoid(cache.i2t_score),
+          "t2i_keys": np.asarray(cache.t2i_index, np.int32), "t2i_scores": sigmoid(cache.t2i_score)}
+
+
 def make_loss_fn(config: ml_collections.ConfigDict, model: DualEncoder, score_pairs,
-                 image_offset: int):
+                 image_offset: int, captions_per_image: int):
   """loss_fn(params, (ema_params, frozen), batch, step, queue) -> (loss, (metrics, queue));
   with distill=none the teacher argument is ema_params alone (the recipe has no frozen teacher).
 
-  frozen = {"teacher": teacher params, "images": float32 [N_train,H,W,C]} (or None when
-  distill=none); batch: image [B,H,W,C], text_ids / text_mask [B,L], image_id [B] (the train
-  split's example i has image_id image_offset + i)."""
+  Online teacher (cprd.bank_dir = ""): frozen = {"teacher": teacher params, "images": float32
+  [N_train,H,W,C]} and score_pairs = `_scorer(...)`. Offline (bank_dir set): frozen =
+  `load_bank(...)`, score_pairs None; the batch then also carries caption_index [B] (which of
+  its image's C captions it is), so that a text is addressable by its caption row. batch: image
+  [B,H,W,C], text_ids / text_mask [B,L], image_id [B] (the train split's example i has image_id
+  image_offset + i)."""
   cp = config.cprd
-  k, n_c, w = cp.num_hard, cp.cross_queue_size, cp.distill_weight
+  k, n_c, w, c = cp.num_hard, cp.cross_queue_size, cp.distill_weight, captions_per_image
+  offline = bool(cp.bank_dir)
 
   def encode(params, images, ids, mask):
     img, _ = model.apply({"params": params}, images, method=DualEncoder.encode_image)
     txt, _ = model.apply({"params": params}, ids, mask, method=DualEncoder.encode_text)
     return img, txt
 
-  def direction(logits, negatives, scorable, pair_inputs, teacher_params, tau):
-    """One direction's distillation loss; pair_inputs(hard [B,K]) -> teacher inputs of the
-    (query, hard negative) pairs (see `_scorer`), plus those of the positive pairs [B, ...]."""
+  def direction(logits, negatives, score_hard, score_positive, tau):
+    """One direction's distillation loss. score_hard(hard [B,K]) -> (teacher scores [B,K],
+    has_score bool [B,K]); score_positive() -> the positive pairs' teacher scores [B]."""
     hard, available = ranking.top_k_hard_negatives(logits, negatives, k)
-    scored = available & jnp.take_along_axis(scorable, hard, axis=1)
-    (images, ids, mask), (pos_images, pos_ids, pos_mask) = pair_inputs(hard)
+    scores, has_score = score_hard(hard)
+    scored = available & has_score
     b = logits.shape[0]
-    scores = score_pairs(teacher_params, images, ids, mask).reshape(b, k)
     parts = {"scored": jnp.mean(jnp.sum(scored, axis=1).astype(jnp.float32))}
     if cp.distill in ("cprd", "cprd_mstar"):
       valid = (ranking.threshold_valid(scores, scored, cp.threshold) if cp.distill == "cprd"
@@ -147,16 +184,46 @@ def make_loss_fn(config: ml_collections.ConfigDict, model: DualEncoder, score_pa
       loss, more = ranking.contrastive_partial_ranking_loss(logits, negatives, hard, available,
                                                             scores, valid)
       return loss, {**parts, **more}
-    pos_scores = score_pairs(teacher_params, pos_images, pos_ids, pos_mask)
     diag = jnp.take_along_axis(logits, jnp.arange(b)[:, None], axis=1)
     student = jnp.concatenate([diag, jnp.take_along_axis(logits, hard, axis=1)], axis=1)
-    teacher = jnp.concatenate([pos_scores[:, None], scores], axis=1)
+    teacher = jnp.concatenate([score_positive()[:, None], scores], axis=1)
     keep = jnp.concatenate([jnp.ones((b, 1), bool), scored], axis=1)
     tau = jax.lax.stop_gradient(tau)
     if cp.distill == "kl":
       return ranking.kl_ranking_loss(student * tau, teacher, keep, tau)[0], parts
     fn = ranking.m3se_loss if cp.distill == "m3se" else ranking.rm3se_loss
     return fn(student * tau, teacher, keep)[0], parts
+
+  def scorers(frozen, batch, queue, negatives):
+    """((i2t score_hard, i2t score_positive), (t2i ...)) for `direction`."""
+    images, ids, mask, image_id = batch["image"], batch["text_ids"], batch["text_mask"], batch["image_id"]
+    b, qv = ids.shape[0], queue.values
+    cand_index = jnp.concatenate([image_id - image_offset, qv["image_index"]])   # image rows
+    if offline:   # §3.2.2: pairs absent from the bank are unscored, hence invalid
+      caption_row = (image_id - image_offset) * c + batch["caption_index"]
+      cand_caption_row = jnp.concatenate([caption_row, qv["caption_row"]])
+      i2t = lambda hard: ranking.bank_lookup(frozen["i2t_keys"], frozen["i2t_scores"],
+                                             image_id - image_offset, cand_caption_row[hard])
+      t2i = lambda hard: ranking.bank_lookup(frozen["t2i_keys"], frozen["t2i_scores"],
+                                             caption_row, cand_index[hard])
+      return (i2t, None), (t2i, None)
+    teacher = frozen["teacher"]
+    # Scorable online: in the batch or among the N_c most recent queue entries (Q_c).
+    scorable = jnp.concatenate([jnp.ones((b,), bool), fq.age(queue) < n_c])[None, :]
+    scorable = jnp.broadcast_to(scorable, negatives.shape)
+    cand_ids_tok = jnp.concatenate([ids, qv["text_ids"]])
+    cand_mask_tok = jnp.concatenate([mask, qv["text_mask"]])
+    positive = lambda: score_pairs(teacher, images, ids, mask)
+
+    def i2t(hard):   # image i (once) with texts hard[i, :]
+      s = score_pairs(teacher, images, cand_ids_tok[hard].reshape(b * k, -1),
+                      cand_mask_tok[hard].reshape(b * k, -1))
+      return s.reshape(b, k), jnp.take_along_axis(scorable, hard, axis=1)
+
+    def t2i(hard):   # images hard[i, :] with text i (once)
+      s = score_pairs(teacher, frozen["images"][cand_index[hard].reshape(-1)], ids, mask)
+      return s.reshape(b, k), jnp.take_along_axis(scorable, hard, axis=1)
+    return (i2t, positive), (t2i, positive)
 
   def loss_fn(params, teachers, batch, step, queue: fq.FeatureQueue):
     ema_params, frozen = teachers if cp.distill != "none" else (teachers, None)
@@ -180,27 +247,17 @@ def make_loss_fn(config: ml_collections.ConfigDict, model: DualEncoder, score_pa
 
     l_distill = jnp.zeros((), jnp.float32)
     if cp.distill != "none":
-      scorable = jnp.concatenate([jnp.ones((b,), bool), fq.age(queue) < n_c])[None, :]
-      scorable = jnp.broadcast_to(scorable, negatives.shape)
-      cand_ids_tok = jnp.concatenate([ids, qv["text_ids"]])
-      cand_mask_tok = jnp.concatenate([mask, qv["text_mask"]])
-      cand_index = jnp.concatenate([image_id - image_offset, qv["image_index"]])
-
-      def text_pairs(hard):   # image i (once) with texts hard[i, :]
-        return ((images, cand_ids_tok[hard].reshape(b * k, -1),
-                 cand_mask_tok[hard].reshape(b * k, -1)), (images, ids, mask))
-
-      def image_pairs(hard):  # images hard[i, :] with text i (once)
-        return ((frozen["images"][cand_index[hard].reshape(-1)], ids, mask), (images, ids, mask))
-
-      l_i2t, p_i2t = direction(i2t, negatives, scorable, text_pairs, frozen["teacher"], tau)
-      l_t2i, p_t2i = direction(t2i, negatives, scorable, image_pairs, frozen["teacher"], tau)
+      score_i2t, score_t2i = scorers(frozen, batch, queue, negatives)
+      l_i2t, p_i2t = direction(i2t, negatives, *score_i2t, tau)
+      l_t2i, p_t2i = direction(t2i, negatives, *score_t2i, tau)
       l_distill = (l_i2t + l_t2i) / 2                                        # eq. 8
       parts.update({f"i2t_{n}": v for n, v in p_i2t.items()})
       parts.update({f"t2i_{n}": v for n, v in p_t2i.items()})
 
     keys = {"image": m_img, "text": m_txt, "image_index": image_id - image_offset,
             "text_ids": ids, "text_mask": mask}
+    if offline:
+      keys["caption_row"] = (image_id - image_offset) * c + batch["caption_index"]
     queue = fq.enqueue(queue, keys, image_id)
     loss = l_itc + w * l_distill                                             # eq. 9
     parts.update(itc=l_itc, distill=l_distill, temperature=tau)
@@ -209,53 +266,52 @@ def make_loss_fn(config: ml_collections.ConfigDict, model: DualEncoder, score_pa
   return loss_fn
 
 
+def queue_spec(config: ml_collections.ConfigDict) -> dict:
+  """Per-entry fields of the queue (Q and Q_c in one ring buffer): momentum features, the image
+  row and caption tokens (online scoring), and the caption row (offline bank lookups)."""
+  e, length = config.model.embed_dim, config.model.max_len
+  spec = jax.ShapeDtypeStruct
+  fields = {"image": spec((e,), jnp.float32), "text": spec((e,), jnp.float32),
+            "image_index": spec((), jnp.int32), "text_ids": spec((length,), jnp.int32),
+            "text_mask": spec((length,), jnp.int32)}
+  if config.cprd.bank_dir:
+    fields["caption_row"] = spec((), jnp.int32)
+  return fields
+
+
 def build(config: ml_collections.ConfigDict, mesh: Mesh, steps_per_epoch: int) -> Recipe:
-  """The CPRD recipe; loads the frozen teacher (config.teacher) unless cprd.distill=none."""
+  """The CPRD recipe; loads the frozen teacher (config.teacher) or, offline, the similarity bank
+  (config.cprd.bank_dir), unless cprd.distill=none."""
   del steps_per_epoch
   validate(config)
-  mc, cp = config.model, config.cprd
-  model = build_student(mc)
-  image_shape = (mc.image_size, mc.image_size, mc.channels)
-
-  def init(key):
-    return model.init(key, jnp.zeros((1, *image_shape)), jnp.zeros((1, mc.max_len), jnp.int32),
-                      jnp.ones((1, mc.max_len), jnp.int32))["params"]
-
-  train = prepare_benchmark(config, None).splits["train"]
+  cp = config.cprd
+  model = build_model(config.model)
+  bench = prepare_benchmark(config, None)
+  train = bench.splits["train"]
+  captions_per_image = int(bench.tokens["train"][0].shape[1])
   image_offset = int(train.image_ids[0])
   if not np.array_equal(train.image_ids, image_offset + np.arange(len(train.image_ids))):
     raise ValueError("cprd: the train split's image_ids are not consecutive, so queued example "
                      "indices cannot address its images; rebuild the benchmark")
   frozen, score_pairs = None, None
-  if cp.distill != "none":
+  if cp.distill != "none" and cp.bank_dir:
+    frozen = jax.device_put(load_bank(cp.bank_dir, train.image_ids, captions_per_image),
+                            replicated(mesh))
+  elif cp.distill != "none":
     teacher = load_teacher(config.teacher)
     score_pairs = _scorer(teacher, cp.teacher_scores)
     frozen = jax.device_put({"teacher": teacher.params,
                              "images": normalize_images(train.images)}, replicated(mesh))
-
-  def init_queue():
-    e, length = mc.embed_dim, mc.max_len
-    spec = jax.ShapeDtypeStruct
-    return fq.create_queue(cp.queue_size, {
-        "image": spec((e,), jnp.float32), "text": spec((e,), jnp.float32),
-        "image_index": spec((), jnp.int32), "text_ids": spec((length,), jnp.int32),
-        "text_mask": spec((length,), jnp.int32)})
-
-  def embed_image(params, images):
-    return model.apply({"params": params}, images, method=DualEncoder.encode_image)
-
-  def embed_text(params, ids, mask):
-    return model.apply({"params": params}, ids, mask, method=DualEncoder.encode_text)
-
+  embed_image, embed_text = dual_towers(model)
   return Recipe(
       name="cprd",
       model=model,
-      init_params=init,
-      loss_fn=make_loss_fn(config, model, score_pairs, image_offset),
+      init_params=param_initializer(model, config.model),
+      loss_fn=make_loss_fn(config, model, score_pairs, image_offset, captions_per_image),
       embed_image=embed_image,
       embed_text=embed_text,
       match_scores=None,
       teacher_params=frozen,
       ema_momentum=cp.momentum,
-      init_recipe_state=init_queue,
+      init_recipe_state=lambda: fq.create_queue(cp.queue_size, queue_spec(config)),
   )

@@ -13,13 +13,15 @@ candidate owned by the row's own image (a positive) or missing from the bank is 
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
 from jaxdistill.losses.contrastive import contrastive_loss
-from jaxdistill.methods.base import Recipe
+from jaxdistill.methods.base import Recipe, dual_towers
 from jaxdistill.mining.bank import MISSING
 from jaxdistill.models.dual import DualEncoder
 from jaxdistill.models.text import TextEncoder
@@ -27,14 +29,25 @@ from jaxdistill.models.vit import ViT
 from jaxdistill.parallel.gather import gathered_similarity_logits
 
 
-def build_model(mc: ml_collections.ConfigDict) -> DualEncoder:
-  """DualEncoder (ViT image tower, BERT-style text tower) from the `model` config section."""
+def build_model(mc: ml_collections.ConfigDict, dtype: Any = jnp.float32) -> DualEncoder:
+  """DualEncoder (ViT image tower, BERT-style text tower) from the `model` config section; the
+  student of the dual and CPRD recipes. dtype: computation dtype (params stay float32)."""
   image_encoder = ViT(mc.patch_size, mc.vision_width, mc.vision_layers, mc.vision_heads,
-                      mc.vision_mlp, stem=mc.stem, dropout_rate=mc.dropout_rate)
+                      mc.vision_mlp, stem=mc.stem, dropout_rate=mc.dropout_rate, dtype=dtype)
   text_encoder = TextEncoder(mc.vocab_size, mc.max_len, mc.text_width, mc.text_layers,
-                             mc.text_heads, mc.text_mlp, dropout_rate=mc.dropout_rate)
+                             mc.text_heads, mc.text_mlp, dropout_rate=mc.dropout_rate, dtype=dtype)
   return DualEncoder(image_encoder, text_encoder, mc.embed_dim, image_pool=mc.image_pool,
-                     temperature_init=mc.temperature_init)
+                     temperature_init=mc.temperature_init, dtype=dtype)
+
+
+def param_initializer(model: DualEncoder, mc: ml_collections.ConfigDict):
+  """init(key) -> the DualEncoder's params, from one dummy image and caption of `mc`'s sizes."""
+
+  def init(key):
+    images = jnp.zeros((1, mc.image_size, mc.image_size, mc.channels), jnp.float32)
+    ids = jnp.zeros((1, mc.max_len), jnp.int32)
+    return model.init(key, images, ids, jnp.ones_like(ids))["params"]
+  return init
 
 
 def _mined_logits(queries: jax.Array, mined: jax.Array, mined_owner: jax.Array,
@@ -85,18 +98,7 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, steps_per_epoch: int) -
   """The dual-encoder ITC recipe (no teacher, no cross encoder: match_scores None)."""
   del steps_per_epoch
   model = build_model(config.model)
-  mc = config.model
-
-  def init(key):
-    images = jnp.zeros((1, mc.image_size, mc.image_size, mc.channels), jnp.float32)
-    ids = jnp.zeros((1, mc.max_len), jnp.int32)
-    return model.init(key, images, ids, jnp.ones_like(ids))["params"]
-
-  def embed_image(params, images):
-    return model.apply({"params": params}, images, method=DualEncoder.encode_image)
-
-  def embed_text(params, ids, mask):
-    return model.apply({"params": params}, ids, mask, method=DualEncoder.encode_text)
-
-  return Recipe(name="dual", model=model, init_params=init, loss_fn=make_loss_fn(config, model, mesh),
+  embed_image, embed_text = dual_towers(model)
+  return Recipe(name="dual", model=model, init_params=param_initializer(model, config.model),
+                loss_fn=make_loss_fn(config, model, mesh),
                 embed_image=embed_image, embed_text=embed_text, match_scores=None)
