@@ -29,6 +29,8 @@ def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
   lp.teacher = "online"            # online | momentum | offline; Table 5
   lp.momentum = 0.995              # EMA of the momentum teacher (Table 5c)
   lp.offline_workdir = ""          # workdir of a trained LoopITR run (teacher=offline)
+  lp.init_towers_from = ""         # workdir of a dual-encoder run (configs/dual.py or
+                                   # configs/teacher.py:dual) whose towers start the dual encoder
   lp.stop_gradient = True          # stop-grad on the teacher scores, eq. 7 / Table 6
   lp.distill_weight = 1.0          # weight reached after the warm-up, eq. 8
   lp.distill_warmup_steps = -1     # -1: one epoch of the train split (§4.1)

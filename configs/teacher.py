@@ -1,38 +1,63 @@
-r"""A larger LoopITR network trained on the bundled benchmark, to serve as a frozen teacher:
-its dual towers are the dual teacher and its cross encoder (ITM positive logit) the cross teacher
-(jaxdistill/teachers/loopitr.py; issue 3 part 5a). Use it as
-  --config.teacher.kind=loopitr_workdir --config.teacher.path=runs/teacher
+r"""Larger networks trained on the bundled benchmark, to serve as frozen teachers
+(jaxdistill/teachers/workdir.py `from_workdir`; issue 3 part 5a). Use one as
+  --config.teacher.kind=workdir --config.teacher.path=runs/teacher_dual
 
-Presets (on top of jaxdistill/config.py's):
-  cpu    (default) 256 wide, 4 layers per tower, 4000 steps: hours on a 2-core CPU
-         python -m jaxdistill.main --config=configs/teacher.py --workdir=runs/teacher
-  short  the same network for 600 steps (what fits a shared CPU in ~20 minutes is less: see
-         docs/teachers.md for what was run)
+Every preset widens all towers to 256 and deepens them to 4 layers (8 heads, MLP 512,
+embedding 256: 6.3x the cpu student's tower params). Presets (on top of jaxdistill/config.py's):
+  dual   (default) the dual-encoder ITC recipe (configs/dual.py) for 1500 steps at batch 128:
+         a dual teacher (embed_images / embed_texts; no cross encoder). ~1 h on a 2-core CPU.
+         python -m jaxdistill.main --config=configs/teacher.py --workdir=runs/teacher_dual
+  cpu    the LoopITR recipe (configs/loopitr.py) for 4000 steps: dual towers + a cross encoder
+         (match_scores = ITM positive logit), the MCAD / CPRD cross teacher. Hours on a 2-core CPU.
+         python -m jaxdistill.main --config=configs/teacher.py:cpu --workdir=runs/teacher
+  short  the LoopITR teacher for 600 steps
+  cross  a cross teacher on trained towers: the LoopITR network whose dual part starts from the
+         `dual` preset's run (loopitr.init_towers_from=runs/teacher_dual), trained with ITC + ITM
+         + MLM and no distillation into the towers (the cross encoder is the student of nothing)
+         python -m jaxdistill.main --config=configs/teacher.py:cross --workdir=runs/teacher_cross
   tiny   seconds; tests
 """
 
 import ml_collections
 
-from configs import loopitr
+from configs import dual, loopitr
 
-PRESETS = ("tiny", "short", "cpu")
+PRESETS = ("tiny", "dual", "short", "cpu", "cross")
 
 
-def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
-  if preset not in PRESETS:
-    raise ValueError(f"unknown teacher preset {preset!r}: use one of {', '.join(PRESETS)} "
-                     "(e.g. --config=configs/teacher.py:cpu)")
-  config = loopitr.get_config("tiny" if preset == "tiny" else "cpu")
-  if preset == "tiny":
-    return config
-  m = config.model
+def _widen(m: ml_collections.ConfigDict) -> None:
   m.vision_width = m.text_width = m.cross_width = 256
   m.vision_layers = m.text_layers = m.cross_layers = 4
   m.vision_heads = m.text_heads = m.cross_heads = 8
   m.vision_mlp = m.text_mlp = m.cross_mlp = 512
   m.embed_dim = 256
-  config.train.num_steps = 4000 if preset == "cpu" else 600
+
+
+def get_config(preset: str = "dual") -> ml_collections.ConfigDict:
+  if preset not in PRESETS:
+    raise ValueError(f"unknown teacher preset {preset!r}: use one of {', '.join(PRESETS)} "
+                     "(e.g. --config=configs/teacher.py:dual)")
+  if preset == "tiny":
+    return loopitr.get_config("tiny")
+  if preset == "dual":
+    config = dual.get_config("cpu")
+    _widen(config.model)
+    config.train.num_steps = 1500
+    config.optim.warmup_steps = 100
+  elif preset == "cross":
+    config = loopitr.get_config("cpu")
+    _widen(config.model)
+    config.train.num_steps = 300
+    config.optim.warmup_steps = 30
+    config.optim.learning_rate = 1e-4          # the towers are trained already
+    config.loopitr.init_towers_from = "runs/teacher_dual"
+    config.loopitr.itc_only_steps = 0
+    config.loopitr.distill_weight = 0.0
+  else:
+    config = loopitr.get_config("cpu")
+    _widen(config.model)
+    config.train.num_steps = 4000 if preset == "cpu" else 600
+    config.optim.warmup_steps = 200 if preset == "cpu" else 50
+    config.loopitr.itc_only_steps = config.train.num_steps // 3   # as the cpu student (configs/loopitr.py)
   config.train.checkpoint_every = 200
-  config.optim.warmup_steps = 200 if preset == "cpu" else 50
-  config.loopitr.itc_only_steps = config.train.num_steps // 3   # as the cpu student (configs/loopitr.py)
   return config

@@ -103,8 +103,8 @@ def base_config(preset: str = "cpu") -> ml_collections.ConfigDict:
   x.image_batch_size = 1         # static batch of image_encoder.tflite (1: phone; more: indexing)
 
   te = c.teacher = ml_collections.ConfigDict()   # frozen teacher + its feature cache (teachers/)
-  te.kind = ""                   # "" (none) | loopitr_workdir | pretrained | lit
-  te.path = ""                   # teacher workdir (loopitr_workdir, lit) or checkpoint (pretrained)
+  te.kind = ""                   # "" (none) | workdir | pretrained | lit
+  te.path = ""                   # teacher workdir (workdir, lit) or checkpoint (pretrained)
   te.dtype = "float32"           # float32 | bfloat16 (params and compute; outputs float32)
   te.shard = False               # shard teacher params over the mesh's fsdp axis
   te.cache_dir = ""              # --mode=cache_teacher output; "" = <workdir>/teacher_cache
@@ -150,8 +150,16 @@ def _choice(value, key: str, options: tuple[str, ...]) -> None:
     raise ConfigError(f"--config.{key}={value!r} is not valid: use one of {', '.join(options)}")
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
-  """Checks a config against the device count before anything is compiled."""
+def uses_teacher(config: ml_collections.ConfigDict, mode: str) -> bool:
+  """Whether `mode` loads config.teacher: caching it, or a CPRD run scoring online."""
+  if mode == "cache_teacher":
+    return True
+  return (config.method == "cprd" and config.cprd.distill != "none"
+          and not config.cprd.bank_dir)
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int, mode: str = "train") -> None:
+  """Checks a config for `--mode=mode` against the device count before anything is compiled."""
   b = config.batch_size
   if b <= 0:
     raise ConfigError(f"--config.batch_size={b} must be positive")
@@ -175,7 +183,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         f"--config.data.fashion_mnist_dir={fm!r} is not a directory: point it at a directory "
         "holding the four Fashion-MNIST IDX files, or leave it empty to use Debian's "
         "dataset-fashion-mnist (apt-get install dataset-fashion-mnist)")
-  if "teacher" in config:
+  if "teacher" in config and uses_teacher(config, mode):
     _validate_teacher(config)
   if "export" in config:
     _choice(config.export.quantization, "export.quantization", EXPORT_QUANTIZATIONS)
@@ -187,6 +195,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     _validate_mining(config)
   if config.method == "loopitr":
     _validate_loopitr(config)
+  if config.method == "cprd":
+    from jaxdistill.methods.cprd import validate as validate_cprd   # its choices live with the recipe
+    validate_cprd(config)
 
 
 def _validate_mining(config) -> None:
@@ -211,7 +222,7 @@ def _validate_mining(config) -> None:
 
 def _validate_teacher(config) -> None:
   te = config.teacher
-  _choice(te.kind, "teacher.kind", ("", "loopitr_workdir", "pretrained", "lit"))
+  _choice(te.kind, "teacher.kind", ("", "workdir", "pretrained", "lit"))
   _choice(te.dtype, "teacher.dtype", ("float32", "bfloat16"))
   if te.kind and not te.path:
     raise ConfigError(f"--config.teacher.kind={te.kind} needs --config.teacher.path (the teacher's "
@@ -240,5 +251,9 @@ def _validate_loopitr(config) -> None:
     raise ConfigError(
         f"--config.loopitr.offline_workdir={lp.offline_workdir!r} holds no checkpoints/: with "
         "--config.loopitr.teacher=offline, point it at the --workdir of a finished LoopITR run")
+  if lp.init_towers_from and not os.path.isdir(os.path.join(lp.init_towers_from, "checkpoints")):
+    raise ConfigError(
+        f"--config.loopitr.init_towers_from={lp.init_towers_from!r} holds no checkpoints/: point it "
+        "at the --workdir of a finished dual-encoder run (configs/dual.py, configs/teacher.py:dual)")
   if not 0.0 < lp.mlm_probability < 1.0:
     raise ConfigError(f"--config.loopitr.mlm_probability={lp.mlm_probability} must be in (0, 1)")

@@ -98,7 +98,7 @@ def main(argv: list[str]) -> None:
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
   try:
-    validate(config, jax.device_count())
+    validate(config, jax.device_count(), _MODE.value)
     from jaxdistill.data.fashion_mnist import validate_fashion_mnist_dir
     validate_fashion_mnist_dir(config.data.fashion_mnist_dir or None)
     module_name, function_name = MODES[_MODE.value].split(":")

@@ -70,3 +70,19 @@ def test_cli_errors_are_one_line(args, needle):
   assert lines[-1].startswith("error: ") and needle in lines[-1], result.stderr
   assert "Traceback" not in result.stderr
   assert not os.path.exists("/tmp/jaxdistill-unused/checkpoints")
+
+
+def test_teacher_section_checked_only_where_a_teacher_is_loaded():
+  """The teacher section is validated for --mode=cache_teacher and online CPRD; an offline CPRD
+  run (scores from the bank) or ITC alone needs no teacher."""
+  from configs import cprd
+  config = cprd.get_config("tiny")            # teacher.kind=workdir, teacher.path=""
+  with pytest.raises(ConfigError, match="teacher.kind=workdir needs --config.teacher.path"):
+    validate(config, num_devices=8)
+  with pytest.raises(ConfigError, match="teacher.path"):
+    validate(config, num_devices=8, mode="cache_teacher")
+  config.cprd.distill = "none"
+  validate(config, num_devices=8)
+  config.teacher.kind = "clip"
+  with pytest.raises(ConfigError, match="teacher.kind='clip'"):
+    validate(config, num_devices=8, mode="cache_teacher")

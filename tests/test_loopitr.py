@@ -115,3 +115,23 @@ def test_distill_weight_warms_up_linearly():
   w = [float(loopitr_method.distill_weight(jnp.asarray(s), 1.0, 10)) for s in (0, 5, 10, 20)]
   np.testing.assert_allclose(w, [0.0, 0.5, 1.0, 1.0])
   assert float(loopitr_method.distill_weight(jnp.asarray(0), 0.7, 0)) == pytest.approx(0.7)
+
+
+def test_init_towers_from_a_dual_run(tmp_path):
+  """loopitr.init_towers_from: the dual part starts as the dual-encoder run's params (towers,
+  projections, temperature); the cross encoder and heads are freshly initialised."""
+  from configs import dual as dual_config
+  from jaxdistill.teachers.workdir import init_workdir
+  dual = dual_config.get_config("tiny")
+  _, dual_params = init_workdir(dual, str(tmp_path / "dual"), seed=7)
+  config = _config(init_towers_from=str(tmp_path / "dual"))
+  config.model.vocab_size, config.model.max_len = dual.model.vocab_size, dual.model.max_len
+  recipe = loopitr_method.build(config, make_mesh(devices=jax.devices()[:1]), steps_per_epoch=4)
+  params = jax.jit(recipe.init_params)(jax.random.PRNGKey(0))
+  jax.tree.map(np.testing.assert_array_equal, params["dual"], dual_params)
+  config.loopitr.init_towers_from = ""
+  fresh = loopitr_method.build(config, make_mesh(devices=jax.devices()[:1]), 4).init_params(
+      jax.random.PRNGKey(0))
+  jax.tree.map(np.testing.assert_array_equal, params["cross"], fresh["cross"])
+  assert any(not np.array_equal(a, b) for a, b in
+             zip(jax.tree.leaves(params["dual"]), jax.tree.leaves(fresh["dual"])))

@@ -1,6 +1,8 @@
 """Frozen teachers (jaxdistill/teachers): a LoopITR run as a dual + cross teacher, no gradient
 into teacher params, bfloat16 close to float32, MultiTeacher, fsdp-sharded = unsharded."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +14,7 @@ from jaxdistill.models.loopitr import LoopITRModel, build_model
 from jaxdistill.parallel.mesh import batch_sharding, make_mesh
 from jaxdistill.teachers import MultiTeacher, Teacher, load_teacher
 from jaxdistill.teachers.base import make_teacher
-from jaxdistill.teachers.loopitr import from_workdir, init_workdir
+from jaxdistill.teachers.workdir import from_workdir, init_workdir
 from jaxdistill.teachers.sharding import place
 
 
@@ -54,6 +56,29 @@ def test_loopitr_teacher_matches_the_model(run):
   np.testing.assert_array_equal(teacher.tokenize(["a"])[0][:, 0], ids[:1, 0])
 
 
+def test_dual_recipe_run_is_a_dual_teacher(tmp_path):
+  """A dual-encoder run (configs/teacher.py's `dual` preset is one) serves its towers only."""
+  from configs import dual as dual_config
+  from jaxdistill.methods.dual import build_model as build_dual_model
+  from jaxdistill.models.dual import DualEncoder
+  config = dual_config.get_config("tiny")
+  bench, params = init_workdir(config, str(tmp_path))
+  arrays = eval_arrays(bench.splits["test"], *bench.tokens["test"])
+  images, ids, mask = arrays["image"][:8], arrays["text_ids"][:8], arrays["text_mask"][:8]
+  teacher = load_teacher(f"workdir:{tmp_path}")
+  assert teacher.is_dual and not teacher.is_cross and teacher.name.startswith("dual:")
+  model = build_dual_model(config.model)
+  want_img, _ = model.apply({"params": params}, images, method=DualEncoder.encode_image)
+  want_txt, _ = model.apply({"params": params}, ids, mask, method=DualEncoder.encode_text)
+  np.testing.assert_allclose(teacher.embed_images(teacher.params, images), want_img, atol=1e-6)
+  np.testing.assert_allclose(teacher.embed_texts(teacher.params, ids, mask), want_txt, atol=1e-6)
+  run_config = json.loads((tmp_path / "config.json").read_text())
+  run_config["method"] = "mcad"   # a method with no model a teacher can serve
+  (tmp_path / "config.json").write_text(json.dumps(run_config))
+  with pytest.raises(ValueError, match="'mcad' run.*teacher.path"):
+    from_workdir(str(tmp_path))
+
+
 def test_no_gradient_reaches_teacher_params(run):
   workdir, _, _, (images, ids, mask) = run
   teacher = from_workdir(str(workdir))
@@ -86,8 +111,8 @@ def test_bfloat16_teacher_close_to_float32(run):
 
 def test_multi_teacher_and_load_teacher(run, tmp_path):
   workdir, _, _, (images, ids, mask) = run
-  multi = load_teacher({"dual": f"loopitr_workdir:{workdir}",
-                        "cross": {"kind": "loopitr_workdir", "path": str(workdir), "dtype": "bfloat16"}})
+  multi = load_teacher({"dual": f"workdir:{workdir}",
+                        "cross": {"kind": "workdir", "path": str(workdir), "dtype": "bfloat16"}})
   assert isinstance(multi, MultiTeacher) and list(multi) == ["dual", "cross"]
   assert set(multi.params) == {"dual", "cross"}
   assert jax.tree.leaves(multi.params["cross"])[0].dtype == jnp.bfloat16
@@ -102,7 +127,7 @@ def test_multi_teacher_and_load_teacher(run, tmp_path):
   with pytest.raises(ValueError, match="teacher kind 'clip' is unknown"):
     load_teacher("clip:/nowhere")
   with pytest.raises(FileNotFoundError, match="config.json"):
-    load_teacher(f"loopitr_workdir:{tmp_path}")
+    load_teacher(f"workdir:{tmp_path}")
 
 
 def test_fsdp_sharded_teacher_equals_unsharded(run):

@@ -170,14 +170,25 @@ def make_loss_fn(config: ml_collections.ConfigDict, model: LoopITRModel, mesh: M
 
 
 def build(config: ml_collections.ConfigDict, mesh: Mesh, steps_per_epoch: int) -> Recipe:
-  """The LoopITR recipe; with teacher=offline, loads the teacher from loopitr.offline_workdir."""
+  """The LoopITR recipe; with teacher=offline, loads the teacher from loopitr.offline_workdir;
+  with init_towers_from, starts its dual encoder from a trained dual-encoder run."""
   model = build_model(config.model)
   lp = config.loopitr
   mc = config.model
-  init = lambda key: init_params(model, key, (mc.image_size, mc.image_size, mc.channels), mc.max_len)
+  random_init = lambda key: init_params(model, key, (mc.image_size, mc.image_size, mc.channels),
+                                        mc.max_len)
+  expected = jax.eval_shape(random_init, jax.random.PRNGKey(0))
+  towers = load_params(lp.init_towers_from, expected["dual"]) if lp.init_towers_from else None
+
+  def init(key):
+    """Random params; with loopitr.init_towers_from, the dual part (towers, projections,
+    temperature) is the given dual-encoder run's and only the cross encoder and heads are new."""
+    params = random_init(key)
+    return params if towers is None else {**params, "dual": jax.tree.map(jnp.asarray, towers)}
+
   teacher_params = None
   if lp.teacher == "offline":
-    teacher_params = load_params(lp.offline_workdir, jax.eval_shape(init, jax.random.PRNGKey(0)))
+    teacher_params = load_params(lp.offline_workdir, expected)
 
   def embed_image(params, images):
     return model.apply({"params": params}, images, method=LoopITRModel.encode_image)

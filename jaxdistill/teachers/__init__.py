@@ -13,7 +13,7 @@ __all__ = ["Teacher", "MultiTeacher", "load_teacher", "KINDS"]
 
 # kind -> "module:function"; called as function(path, dtype=dtype) -> Teacher; imported only when chosen.
 KINDS = {
-    "loopitr_workdir": "jaxdistill.teachers.loopitr:from_workdir",
+    "workdir": "jaxdistill.teachers.workdir:from_workdir",
     "pretrained": "jaxdistill.teachers.pretrained:from_checkpoint",
     "lit": "jaxdistill.teachers.lit:from_workdir",
 }

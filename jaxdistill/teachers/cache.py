@@ -283,7 +283,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
   te = config.teacher
   if not te.kind:
     raise ValueError("--mode=cache_teacher needs a teacher: set --config.teacher.kind and "
-                     "--config.teacher.path (e.g. loopitr_workdir and a trained run's workdir)")
+                     "--config.teacher.path (e.g. workdir and a trained run's workdir)")
   os.makedirs(workdir, exist_ok=True)
   mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
   teacher = load_teacher(te)

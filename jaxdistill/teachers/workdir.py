@@ -1,7 +1,10 @@
-"""A trained LoopITR run (paper 003) as a frozen teacher: its dual towers (embed_images /
-embed_texts) and its cross encoder's ITM positive-class logit over (image, text) pairs
-(match_scores, eq. 4) — the dual + cross teacher pair of MCAD (paper 001 §3) and the cross
-teacher whose scores CPRD (paper 002 §3.2) distils.
+"""A trained run's workdir as a frozen teacher (`--config.teacher.kind=workdir`).
+
+A LoopITR run (paper 003) gives its dual towers (embed_images / embed_texts) and its cross
+encoder's ITM positive-class logit over (image, text) pairs (match_scores, eq. 4) — the dual +
+cross teacher pair of MCAD (paper 001 §3) and the cross teacher whose scores CPRD (paper 002
+§3.2) distils. A dual-encoder run (the dual or CPRD recipe, e.g. configs/teacher.py's `dual`
+preset) gives its towers only (match_scores None).
 
 The run's own config (`<workdir>/config.json`, written by train/loop.py) rebuilds the network,
 so the teacher may be wider or deeper than the student; its tokenizer is `<workdir>/tokenizer.json`.
@@ -13,11 +16,14 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from jaxdistill.data.benchmark import TOKENIZER_FILE, prepare_benchmark
 from jaxdistill.data.tokenizer import encode, load_tokenizer
 from jaxdistill.evaluate.report import write_json_atomic
+from jaxdistill.methods.base import dual_towers
+from jaxdistill.methods.dual import build_model as build_dual_model, param_initializer
 from jaxdistill.models.loopitr import LoopITRModel, build_model, init_params
 from jaxdistill.teachers.base import Teacher, cast_params, make_teacher
 from jaxdistill.train.checkpoint import Checkpointer, load_params
@@ -34,9 +40,13 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
+DUAL_METHODS = ("dual", "cprd")   # recipes whose model is a DualEncoder (methods/dual.py)
+
+
 def from_workdir(workdir: str, config: ml_collections.ConfigDict | None = None,
                  dtype: str | None = None) -> Teacher:
-  """The latest checkpoint of the LoopITR run in `workdir` as a dual + cross Teacher.
+  """The latest checkpoint of the run in `workdir` as a Teacher: dual + cross for a LoopITR run,
+  dual only for a dual-encoder run (DUAL_METHODS).
 
   dtype: "float32" | "bfloat16" (params stored and computed in bfloat16, outputs float32);
   default config.teacher.dtype when `config` has a teacher section, else float32. `config` is
@@ -44,17 +54,30 @@ def from_workdir(workdir: str, config: ml_collections.ConfigDict | None = None,
   if dtype is None:
     dtype = config.teacher.dtype if config is not None and "teacher" in config else "float32"
   run = load_run_config(workdir)
-  if run.get("method") != "loopitr":
-    raise ValueError(f"{workdir} holds a {run.get('method')!r} run, not a LoopITR run: point "
-                     "--config.teacher.path at a LoopITR --workdir")
-  model_cfg = dict(run.model)
+  method = run.get("method")
+  if method != "loopitr" and method not in DUAL_METHODS:
+    raise ValueError(f"{workdir} holds a {method!r} run: a teacher workdir must hold a LoopITR "
+                     f"run (dual + cross) or a {' / '.join(DUAL_METHODS)} run (dual): fix "
+                     "--config.teacher.path")
+  mc = run.model
+  tokenizer = load_tokenizer(os.path.join(workdir, TOKENIZER_FILE))
+  tokenize = lambda texts: encode(tokenizer, list(texts), mc.max_len)
+  name = f"{method}:{os.path.basename(os.path.normpath(workdir))}"
+  if method in DUAL_METHODS:
+    model = build_dual_model(mc, jnp.dtype(dtype))
+    expected = jax.eval_shape(param_initializer(model, mc), jax.random.PRNGKey(0))
+    params = cast_params(load_params(workdir, expected), dtype)
+    image_tower, text_tower = dual_towers(model)
+    return make_teacher(name, params, embed_images=lambda p, images: image_tower(p, images)[0],
+                        embed_texts=lambda p, ids, mask: text_tower(p, ids, mask)[0],
+                        tokenize=tokenize)
+
+  model_cfg = dict(mc)
   model_cfg["dtype"] = dtype
   model = build_model(model_cfg)
-  mc = run.model
   expected = jax.eval_shape(lambda k: init_params(model, k, (mc.image_size, mc.image_size, mc.channels),
                                                   mc.max_len), jax.random.PRNGKey(0))
   params = cast_params(load_params(workdir, expected), dtype)
-  tokenizer = load_tokenizer(os.path.join(workdir, TOKENIZER_FILE))
 
   def embed_images(p, images):
     return model.apply({"params": p}, images, method=LoopITRModel.encode_image)[0]
@@ -68,23 +91,23 @@ def from_workdir(workdir: str, config: ml_collections.ConfigDict | None = None,
     return model.apply({"params": p}, text_tokens, mask, image_tokens,
                        method=LoopITRModel.match_logits)[:, 0]
 
-  return make_teacher(f"loopitr:{os.path.basename(os.path.normpath(workdir))}", params,
-                      embed_images=embed_images, embed_texts=embed_texts,
-                      match_scores=match_scores,
-                      tokenize=lambda texts: encode(tokenizer, list(texts), mc.max_len))
+  return make_teacher(name, params, embed_images=embed_images, embed_texts=embed_texts,
+                      match_scores=match_scores, tokenize=tokenize)
 
 
 def init_workdir(config: ml_collections.ConfigDict, workdir: str, seed: int = 0):
-  """Writes a LoopITR workdir with freshly initialised params (config.json, tokenizer.json, one
-  checkpoint): an untrained teacher of `config`'s size, for tests and step-time benchmarks.
-  Returns (benchmark, params)."""
+  """Writes a workdir of `config.method` (LoopITR or a DUAL_METHODS recipe) with freshly
+  initialised params (config.json, tokenizer.json, one checkpoint): an untrained teacher of
+  `config`'s size, for tests and step-time benchmarks. Returns (benchmark, params)."""
   os.makedirs(workdir, exist_ok=True)
   bench = prepare_benchmark(config, workdir)
   config.model.vocab_size = bench.vocab_size
-  model = build_model(config.model)
   mc = config.model
-  params = init_params(model, jax.random.PRNGKey(seed), (mc.image_size, mc.image_size, mc.channels),
-                       mc.max_len)
+  key = jax.random.PRNGKey(seed)
+  if config.method in DUAL_METHODS:
+    params = param_initializer(build_dual_model(mc), mc)(key)
+  else:
+    params = init_params(build_model(mc), key, (mc.image_size, mc.image_size, mc.channels), mc.max_len)
   checkpointer = Checkpointer(workdir)
   checkpointer.save(1, {"params": params}, {"step": 1}, wait=True)
   checkpointer.close()

@@ -59,29 +59,27 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
 
 
 def load_params(workdir: str, expected: Any) -> Any:
-  """The params of the latest checkpoint of another run (a frozen offline teacher).
+  """The params of the latest checkpoint of another run (a frozen teacher, or towers to start from).
 
   expected: pytree of ShapeDtypeStruct the params must match; a missing, unexpected or
   mis-shaped key raises one error naming the key with both shapes."""
   checkpointer = Checkpointer(workdir)
   step = checkpointer.latest_step()
   if step is None:
-    raise FileNotFoundError(f"no checkpoint under {checkpointer.directory}: point the teacher at "
-                            "the --workdir of a finished run")
+    raise FileNotFoundError(f"no checkpoint under {checkpointer.directory}: point at the "
+                            "--workdir of a finished run")
   params = checkpointer.restore_raw(step)["params"]
   checkpointer.close()
-  where = f"teacher checkpoint {checkpointer.directory}/{step}"
+  where = f"checkpoint {checkpointer.directory}/{step}"
+  fix = "this run's model config must match the one that checkpoint was trained with"
   found = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(params)}
   for path, want in jax.tree_util.tree_leaves_with_path(expected):
     name = jax.tree_util.keystr(path)
     if name not in found:
-      raise ValueError(f"{where} lacks param {name} (expected shape {want.shape}): the "
-                       "teacher's model config must match the student's")
+      raise ValueError(f"{where} lacks param {name} (expected shape {want.shape}): {fix}")
     shape = tuple(found.pop(name))
     if shape != tuple(want.shape):
-      raise ValueError(f"{where}: param {name} has shape {shape}, expected {tuple(want.shape)}: "
-                       "the teacher's model config must match the student's")
+      raise ValueError(f"{where}: param {name} has shape {shape}, expected {tuple(want.shape)}: {fix}")
   if found:
-    raise ValueError(f"{where} has unexpected params {sorted(found)[:3]}: the teacher's model "
-                     "config must match the student's")
+    raise ValueError(f"{where} has unexpected params {sorted(found)[:3]}: {fix}")
   return params
