@@ -54,7 +54,7 @@ def main(argv):
   from jaxdistill.methods.loopitr import choose_negatives
   from jaxdistill.models.loopitr import LoopITRModel, build_model, init_params
   from jaxdistill.teachers.cache import FeatureCache, cache_split
-  from jaxdistill.teachers.loopitr import from_workdir, init_workdir
+  from jaxdistill.teachers.workdir import from_workdir, init_workdir
 
   config = loopitr.get_config("cpu")
   config.data.num_train = _NUM_TRAIN.value
