@@ -29,6 +29,13 @@ def test_default_presets_validate():
   for preset in ("tiny", "cpu"):
     validate(loopitr.get_config(preset), num_devices=8)
   validate(loopitr.get_config("paper"), num_devices=8)
+  from configs import teacher
+  for preset in ("tiny", "dual", "short", "cpu"):
+    validate(teacher.get_config(preset), num_devices=8)
+  cross = teacher.get_config("cross")              # starts from the :dual run's towers
+  cross.loopitr.init_towers_from = "/no/such/run"
+  with pytest.raises(ConfigError, match="init_towers_from='/no/such/run' holds no checkpoints"):
+    validate(cross, num_devices=8)
 
 
 @pytest.mark.parametrize("key,value,needle", [
