@@ -12,8 +12,9 @@ embedding 256: 6.3x the cpu student's tower params). Presets (on top of jaxdisti
          python -m jaxdistill.main --config=configs/teacher.py:cpu --workdir=runs/teacher
   short  the LoopITR teacher for 600 steps
   cross  a cross teacher on trained towers: the LoopITR network whose dual part starts from the
-         `dual` preset's run (loopitr.init_towers_from=runs/teacher_dual), trained with ITC + ITM
-         + MLM and no distillation into the towers (the cross encoder is the student of nothing)
+         `dual` preset's run (loopitr.init_towers_from=runs/teacher_dual), trained for 300 steps
+         with ITC + ITM (hard negatives from the trained towers) + MLM and no distillation into
+         the towers
          python -m jaxdistill.main --config=configs/teacher.py:cross --workdir=runs/teacher_cross
   tiny   seconds; tests
 """
@@ -52,7 +53,7 @@ def get_config(preset: str = "dual") -> ml_collections.ConfigDict:
     config.optim.learning_rate = 1e-4          # the towers are trained already
     config.loopitr.init_towers_from = "runs/teacher_dual"
     config.loopitr.itc_only_steps = 0
-    config.loopitr.distill_weight = 0.0
+    config.loopitr.distill_negatives = "none"   # no cross -> dual distillation (3B cross pairs/step, not 9B)
   else:
     config = loopitr.get_config("cpu")
     _widen(config.model)
