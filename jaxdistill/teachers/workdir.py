@@ -34,7 +34,7 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} does not exist: the teacher workdir must be the --workdir of "
-                            "a LoopITR run trained with `python -m jaxdistill.main` "
+                            "a run trained with `python -m jaxdistill.main` "
                             "(--config.teacher.path)")
   with open(path) as f:
     return ml_collections.ConfigDict(json.load(f))
