@@ -1,7 +1,7 @@
 """Step time of a distillation step with the teacher run online vs read from the feature cache,
 side by side in one run (issue 3, part 4).
 
-  .venv/bin/python benchmarks/teacher_cache.py [--teacher_workdir=runs/teacher] [--steps=10]
+  .venv/bin/python benchmarks/teacher_cache.py [--teacher_workdir=runs/teacher_cross] [--steps=10]
 
 Without --teacher_workdir the teacher is an untrained network of configs/teacher.py's size
 (256 wide, 4 layers per tower; step time does not depend on the weights).
