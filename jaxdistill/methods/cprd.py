@@ -194,13 +194,13 @@ def make_loss_fn(config: ml_collections.ConfigDict, model: DualEncoder, score_pa
     fn = ranking.m3se_loss if cp.distill == "m3se" else ranking.rm3se_loss
     return fn(student * tau, teacher, keep)[0], parts
 
-  def scorers(frozen, batch, queue, negatives):
-    """((i2t score_hard, i2t score_positive), (t2i ...)) for `direction`."""
+  def scorers(frozen, batch, queue, negatives, caption_row):
+    """((i2t score_hard, i2t score_positive), (t2i ...)) for `direction`; caption_row [B] is
+    each text's row in the bank (offline only)."""
     images, ids, mask, image_id = batch["image"], batch["text_ids"], batch["text_mask"], batch["image_id"]
     b, qv = ids.shape[0], queue.values
     cand_index = jnp.concatenate([image_id - image_offset, qv["image_index"]])   # image rows
     if offline:   # §3.2.2: pairs absent from the bank are unscored, hence invalid
-      caption_row = (image_id - image_offset) * c + batch["caption_index"]
       cand_caption_row = jnp.concatenate([caption_row, qv["caption_row"]])
       i2t = lambda hard: ranking.bank_lookup(frozen["i2t_keys"], frozen["i2t_scores"],
                                              image_id - image_offset, cand_caption_row[hard])
@@ -245,9 +245,11 @@ def make_loss_fn(config: ml_collections.ConfigDict, model: DualEncoder, score_pa
     t2i = jnp.where(keep, txt @ cand_img.T / tau, _NEG)
     l_itc, parts = contrastive_loss(i2t, t2i, jnp.arange(b, dtype=jnp.int32))   # eq. 1-2
 
+    # A text's key in the bank: C * (its image's row) + which caption it is.
+    caption_row = (image_id - image_offset) * c + batch["caption_index"] if offline else None
     l_distill = jnp.zeros((), jnp.float32)
     if cp.distill != "none":
-      score_i2t, score_t2i = scorers(frozen, batch, queue, negatives)
+      score_i2t, score_t2i = scorers(frozen, batch, queue, negatives, caption_row)
       l_i2t, p_i2t = direction(i2t, negatives, *score_i2t, tau)
       l_t2i, p_t2i = direction(t2i, negatives, *score_t2i, tau)
       l_distill = (l_i2t + l_t2i) / 2                                        # eq. 8
@@ -257,7 +259,7 @@ def make_loss_fn(config: ml_collections.ConfigDict, model: DualEncoder, score_pa
     keys = {"image": m_img, "text": m_txt, "image_index": image_id - image_offset,
             "text_ids": ids, "text_mask": mask}
     if offline:
-      keys["caption_row"] = (image_id - image_offset) * c + batch["caption_index"]
+      keys["caption_row"] = caption_row
     queue = fq.enqueue(queue, keys, image_id)
     loss = l_itc + w * l_distill                                             # eq. 9
     parts.update(itc=l_itc, distill=l_distill, temperature=tau)
