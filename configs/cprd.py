@@ -3,7 +3,7 @@ distillation from a frozen cross-encoder teacher (a trained LoopITR run).
 
 Run (CPU preset, bundled compositional Fashion-MNIST benchmark; teacher = runs/loopitr):
   python -m jaxdistill.main --config=configs/cprd.py --workdir=runs/cprd
-Other presets:  --config=configs/cprd.py:tiny   (seconds; tests — set --config.teacher.path)
+Other presets:  --config=configs/cprd.py:tiny   (seconds; tests — set --config.teachers.teacher.path)
                 --config=configs/cprd.py:paper  (N_q 57,856, N_c 16,384, K 16, m 0.75, §4.2)
 Table 5 (one switch; same student, steps, seed):
   --config.cprd.distill=none | kl | m3se | rm3se | cprd | cprd_mstar
@@ -46,7 +46,7 @@ def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
   # runs/student/teacher_cache/train from --mode=cache_teacher; "" = score online.
   cp.bank_dir = ""
 
-  te = config.teacher
-  te.kind = "workdir"
-  te.path = "" if tiny else "runs/loopitr"
+  # The frozen teacher (online scores): a trained LoopITR run (cross + dual) or a dual run.
+  config.teachers.teacher = base_config.teacher_section("workdir", "" if tiny else "runs/loopitr")
+  config.teacher_cache.teacher = "teacher"   # --mode=cache_teacher caches it (offline bank)
   return config

@@ -9,6 +9,10 @@ Ablations (paper 003 Tables 1-6), e.g.:
   --config.loopitr.negative_sampling=random   (Table 2)
   --config.loopitr.distill_negatives=text     (Table 3: image | text | both | none)
   --config.loopitr.teacher=momentum           (Table 5: online | momentum | offline)
+  --config.loopitr.teacher=offline --config.teachers.offline.path=runs/loopitr
+Start the dual encoder from a trained dual-encoder run (config.init_from, train/init.py):
+  --config.init_from='({"source": "workdir:runs/teacher_dual", "mapping": (("student/dual/", "student/"),)},)'
+
   --config.loopitr.stop_gradient=False        (Table 6)
 """
 
@@ -20,6 +24,9 @@ from jaxdistill import config as base_config
 def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
   config = base_config.base_config(preset)
   config.method = "loopitr"
+  config.model.kind = "loopitr"
+  # teacher=offline reads a finished LoopITR run: --config.teachers.offline.path=runs/loopitr
+  config.teachers.offline = base_config.teacher_section("workdir")
 
   lp = config.loopitr = ml_collections.ConfigDict()
   lp.num_negatives = 4             # m, §4.2 Table 1 (performance saturates at 4)
@@ -28,9 +35,6 @@ def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
   lp.distill_negatives = "both"    # image | text | both | none; Table 3
   lp.teacher = "online"            # online | momentum | offline; Table 5
   lp.momentum = 0.995              # EMA of the momentum teacher (Table 5c)
-  lp.offline_workdir = ""          # workdir of a trained LoopITR run (teacher=offline)
-  lp.init_towers_from = ""         # workdir of a dual-encoder run (configs/dual.py or
-                                   # configs/teacher.py:dual) whose towers start the dual encoder
   lp.stop_gradient = True          # stop-grad on the teacher scores, eq. 7 / Table 6
   lp.distill_weight = 1.0          # weight reached after the warm-up, eq. 8
   lp.distill_warmup_steps = -1     # -1: one epoch of the train split (§4.1)

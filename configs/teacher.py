@@ -1,6 +1,6 @@
 r"""Larger networks trained on the bundled benchmark, to serve as frozen teachers
 (jaxdistill/teachers/workdir.py `from_workdir`; issue 3 part 5a). Use one as
-  --config.teacher.kind=workdir --config.teacher.path=runs/teacher_dual
+  --config.teachers.<name>.kind=workdir --config.teachers.<name>.path=runs/teacher_dual
 
 Every preset widens all towers to 256 and deepens them to 4 layers (8 heads, MLP 512,
 embedding 256: 6.3x the cpu student's tower params). Presets (on top of jaxdistill/config.py's):
@@ -12,16 +12,22 @@ embedding 256: 6.3x the cpu student's tower params). Presets (on top of jaxdisti
          python -m jaxdistill.main --config=configs/teacher.py:cpu --workdir=runs/teacher
   short  the LoopITR teacher for 600 steps
   cross  a cross teacher on trained towers: the LoopITR network whose dual part starts from the
-         `dual` preset's run (loopitr.init_towers_from=runs/teacher_dual), trained for 300 steps
+         `dual` preset's run (config.init_from: workdir runs/teacher_dual), trained for 300 steps
          with ITC + ITM (hard negatives from the trained towers) + MLM and no distillation into
          the towers
          python -m jaxdistill.main --config=configs/teacher.py:cross --workdir=runs/teacher_cross
   tiny   seconds; tests
 """
 
+import os
+
 import ml_collections
 
-from configs import dual, loopitr
+from jaxdistill.config import load_config_file
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+dual = lambda preset: load_config_file(os.path.join(HERE, f"dual.py:{preset}"))
+loopitr = lambda preset: load_config_file(os.path.join(HERE, f"loopitr.py:{preset}"))
 
 PRESETS = ("tiny", "dual", "short", "cpu", "cross")
 
@@ -39,23 +45,24 @@ def get_config(preset: str = "dual") -> ml_collections.ConfigDict:
     raise ValueError(f"unknown teacher preset {preset!r}: use one of {', '.join(PRESETS)} "
                      "(e.g. --config=configs/teacher.py:dual)")
   if preset == "tiny":
-    return loopitr.get_config("tiny")
+    return loopitr("tiny")
   if preset == "dual":
-    config = dual.get_config("cpu")
+    config = dual("cpu")
     _widen(config.model)
     config.train.num_steps = 1500
     config.optim.warmup_steps = 100
   elif preset == "cross":
-    config = loopitr.get_config("cpu")
+    config = loopitr("cpu")
     _widen(config.model)
     config.train.num_steps = 300
     config.optim.warmup_steps = 30
     config.optim.learning_rate = 1e-4          # the towers are trained already
-    config.loopitr.init_towers_from = "runs/teacher_dual"
+    config.init_from = ({"source": "workdir:runs/teacher_dual",     # the dual preset's run
+                         "mapping": (("student/dual/", "student/"),)},)
     config.loopitr.itc_only_steps = 0
     config.loopitr.distill_negatives = "none"   # no cross -> dual distillation (3B cross pairs/step, not 9B)
   else:
-    config = loopitr.get_config("cpu")
+    config = loopitr("cpu")
     _widen(config.model)
     config.train.num_steps = 4000 if preset == "cpu" else 600
     config.optim.warmup_steps = 200 if preset == "cpu" else 50

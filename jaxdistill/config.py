@@ -11,6 +11,7 @@ with one message naming the key and the fix.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import os
 
 import ml_collections
@@ -35,6 +36,15 @@ def _model(preset: str) -> ml_collections.ConfigDict:
   m.dropout_rate = 0.0
   m.vocab_size = 256          # filled in from the built tokenizer
   m.max_len = 32
+  m.image_tower = "vit"       # vit | efficientnet_lite0 (models/towers.py)
+  m.text_tower = "transformer"   # transformer (models/text.py) | bert (HF BertModel: MiniLM, BERT)
+  m.text_pool = "cls"         # text embedding: cls (token 0) | mean (over real tokens, MiniLM's)
+  m.efficientnet_input_size = 128   # efficientnet_lite0: side the image is resized to (32 x cells)
+  m.image_mean, m.image_std = 0.2628, 0.3470   # data/compositional.py's pixel normalisation
+  m.bert_max_positions = 512  # bert: position-embedding rows (>= max_len)
+  m.bert_type_vocab_size = 2  # bert: token-type rows (0 = none)
+  m.bert_layer_norm_eps = 1e-12   # bert: LayerNorm epsilon (HF layer_norm_eps)
+  m.bert_hidden_act = "gelu"  # bert: HF hidden_act (models/bert.py ACTIVATIONS)
   if preset == "tiny":
     width, layers, heads, mlp, embed = 32, 1, 2, 64, 32
   elif preset == "cpu":
@@ -73,8 +83,10 @@ def base_config(preset: str = "cpu") -> ml_collections.ConfigDict:
   d.group_size = 4               # batches of position-only look-alike / swap groups
   d.swap_fraction = 0.5
   d.vocab_size = 256
+  d.tokenizer = ""               # "" = built from the captions; else tokenizer.json or HF dir
 
   c.model = _model(preset)
+  c.model.kind = "dual"          # models/build.py: dual | loopitr (set by the recipe's config)
 
   o = c.optim = ml_collections.ConfigDict()
   o.learning_rate = 1e-4 if paper else 3e-4   # paper 003 §4.1: 1e-4, wd 0.02, cosine to 1e-5
@@ -102,15 +114,30 @@ def base_config(preset: str = "cpu") -> ml_collections.ConfigDict:
   x.parity_split = "test"        # held-out split for the TFLite-vs-JAX parity check
   x.image_batch_size = 1         # static batch of image_encoder.tflite (1: phone; more: indexing)
 
-  te = c.teacher = ml_collections.ConfigDict()   # frozen teacher + its feature cache (teachers/)
-  te.kind = ""                   # "" (none) | workdir | pretrained | lit
-  te.path = ""                   # teacher workdir (workdir, lit) or checkpoint (pretrained)
-  te.dtype = "float32"           # float32 | bfloat16 (params and compute; outputs float32)
-  te.shard = False               # shard teacher params over the mesh's fsdp axis
-  te.cache_dir = ""              # --mode=cache_teacher output; "" = <workdir>/teacher_cache
-  te.cache_splits = "train"      # comma-separated splits to cache
-  te.top_n = 16                  # cross teacher: scores of each example's top-N (paper 002 §3.2.2)
-  te.batch_size = 64 if tiny else 256
+  # Named frozen teachers (teachers/): recipes add the sections they read (teacher_section).
+  c.teachers = ml_collections.ConfigDict()
+  tc = c.teacher_cache = ml_collections.ConfigDict()   # --mode=cache_teacher (teachers/cache.py)
+  tc.teacher = ""                # the config.teachers section cached
+  tc.dir = ""                    # output; "" = <workdir>/teacher_cache
+  tc.splits = "train"            # comma-separated splits to cache
+  tc.top_n = 16                  # cross teacher: scores of each example's top-N (paper 002 §3.2.2)
+  tc.batch_size = 64 if tiny else 256
+
+  # --- the training contract, as data (train/optim.py, train/init.py, parallel/sharding.py) ---
+  # (regex over param paths "module/sub/leaf", None = frozen | {config.optim overrides}); first
+  # match wins, e.g. (("student/dual/image_encoder/.*", None), (".*", {})).
+  c.trainable = ((".*", {}),)
+  # Sources applied over the random init (unless resuming), see train/init.py: each
+  # {"source": "workdir:PATH" | "pretrained:PATH", "architecture": "", "layers": "",
+  #  "mapping": ((destination regex, source prefix), ...)}.
+  c.init_from = ()
+  sh = c.sharding = ml_collections.ConfigDict()
+  # (regex over "params|ema|opt_state|extra|step|rng/...", "batch/<field>", "frozen/<name>/...",
+  #  spec): spec "replicated" | "fsdp" (largest divisible dim over mesh.fsdp, leaves of at least
+  #  min_fsdp_size elements) | "batch" (leading dim over data and fsdp) | an explicit tuple.
+  #  Queues (extra) stay replicated: parallel/queue.py enqueues the globally gathered keys.
+  sh.rules = (("batch/.*", "batch"), ("extra/.*", "replicated"), (".*", "fsdp"))
+  sh.min_fsdp_size = 2 ** 14
 
   mi = c.mining = ml_collections.ConfigDict()   # --mode=mine + hard-negative banks (mining/)
   mi.tower_workdir = ""          # workdir of the trained run whose towers embed the corpus
@@ -127,6 +154,19 @@ def base_config(preset: str = "cpu") -> ml_collections.ConfigDict:
   mi.training_sample_size = 0
   mi.reorder = 0
   return c
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """The config of "PATH[:preset]" (a file with get_config(preset)), as --config= loads it; for
+  configs that build on another (configs/teacher.py) and for tests, with no sys.path edits."""
+  path, _, preset = spec.partition(":")
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file {path!r} does not exist: give --config=configs/<recipe>.py")
+  name = "_jaxdistill_config_" + os.path.splitext(os.path.basename(path))[0]
+  module_spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(preset) if preset else module.get_config()
 
 
 def suggest_key(config: ml_collections.ConfigDict, dotted: str) -> str:
@@ -150,16 +190,43 @@ def _choice(value, key: str, options: tuple[str, ...]) -> None:
     raise ConfigError(f"--config.{key}={value!r} is not valid: use one of {', '.join(options)}")
 
 
-def uses_teacher(config: ml_collections.ConfigDict, mode: str) -> bool:
-  """Whether `mode` loads config.teacher: caching it, or a CPRD run scoring online."""
-  if mode == "cache_teacher":
-    return True
-  return (config.method == "cprd" and config.cprd.distill != "none"
-          and not config.cprd.bank_dir)
+def teacher_section(kind: str = "", path: str = "") -> ml_collections.ConfigDict:
+  """One named teacher: kind "" (none) | workdir | pretrained, path (a run's workdir or a
+  checkpoint), dtype float32 | bfloat16 (params and compute; outputs float32), shard (params
+  split over the mesh's fsdp axis by config.sharding.rules; False = replicated)."""
+  return ml_collections.ConfigDict(dict(kind=kind, path=path, dtype="float32", shard=False))
+
+
+TEACHER_KINDS = ("workdir", "pretrained")   # teachers/__init__.py KINDS
+
+
+def validate_teachers(config: ml_collections.ConfigDict, names) -> None:
+  """Checks the config.teachers sections `names` (those a mode or recipe reads)."""
+  for name in names:
+    if name not in config.teachers:
+      raise ConfigError(f"--config.teachers.{name} is missing: this recipe reads a teacher named "
+                        f"{name!r}; add the section (jaxdistill/config.py teacher_section)")
+    te, key = config.teachers[name], f"--config.teachers.{name}"
+    _choice(te.kind, f"teachers.{name}.kind", TEACHER_KINDS)
+    _choice(te.dtype, f"teachers.{name}.dtype", ("float32", "bfloat16"))
+    if not te.path:
+      raise ConfigError(f"{key}.kind={te.kind} needs {key}.path (the teacher's workdir or "
+                        "checkpoint)")
+    if not os.path.exists(te.path):
+      raise ConfigError(f"{key}.path={te.path!r} does not exist: point it at the teacher's "
+                        "workdir or checkpoint")
+
+
+def sharding_rules(config: ml_collections.ConfigDict) -> tuple:
+  """config.sharding.rules, preceded by a "replicated" rule for each teacher with shard=False."""
+  keep = tuple((f"frozen/{name}/.*", "replicated") for name, t in config.teachers.items()
+               if not t.shard)
+  return keep + tuple(tuple(rule) for rule in config.sharding.rules)
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int, mode: str = "train") -> None:
   """Checks a config for `--mode=mode` against the device count before anything is compiled."""
+  _validate_mesh(config, num_devices)
   b = config.batch_size
   if b <= 0:
     raise ConfigError(f"--config.batch_size={b} must be positive")
@@ -183,8 +250,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, mode: str = "t
         f"--config.data.fashion_mnist_dir={fm!r} is not a directory: point it at a directory "
         "holding the four Fashion-MNIST IDX files, or leave it empty to use Debian's "
         "dataset-fashion-mnist (apt-get install dataset-fashion-mnist)")
-  if "teacher" in config and uses_teacher(config, mode):
-    _validate_teacher(config)
+  if mode == "cache_teacher":
+    tc = config.teacher_cache
+    if not tc.teacher:
+      raise ConfigError("--mode=cache_teacher needs --config.teacher_cache.teacher: the name of "
+                        f"the config.teachers section to cache (this config has {list(config.teachers)})")
+    validate_teachers(config, [tc.teacher])
+    if tc.top_n < 1 or tc.batch_size < 1:
+      raise ConfigError(f"--config.teacher_cache.top_n={tc.top_n} and --config.teacher_cache."
+                        f"batch_size={tc.batch_size} must be positive")
   if "export" in config:
     _choice(config.export.quantization, "export.quantization", EXPORT_QUANTIZATIONS)
     _choice(config.export.parity_split, "export.parity_split", ("val", "test"))
@@ -193,11 +267,17 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, mode: str = "t
                         "be at least 1 (1 for a phone, e.g. 32 for indexing)")
   if "mining" in config:
     _validate_mining(config)
-  if config.method == "loopitr":
-    _validate_loopitr(config)
-  if config.method == "cprd":
-    from jaxdistill.methods.cprd import validate as validate_cprd   # its choices live with the recipe
-    validate_cprd(config)
+
+
+def _validate_mesh(config, n: int) -> None:
+  data, fsdp = config.mesh.data, config.mesh.fsdp
+  divisors = [d for d in range(1, n + 1) if n % d == 0]
+  if fsdp < 1 or n % fsdp:
+    raise ConfigError(f"--config.mesh.fsdp={fsdp} must divide the {n} devices: use one of {divisors}")
+  if data != -1 and data * fsdp != n:
+    raise ConfigError(f"--config.mesh.data * --config.mesh.fsdp = {data} * {fsdp} must equal the "
+                      f"{n} devices: set --config.mesh.data={n // fsdp} (or -1: all devices left "
+                      "after fsdp)")
 
 
 def _validate_mining(config) -> None:
@@ -218,42 +298,3 @@ def _validate_mining(config) -> None:
   if k > mi.num_neighbors:
     raise ConfigError(f"--config.{config.method}.hard_negatives={k} exceeds --config.mining."
                       f"num_neighbors={mi.num_neighbors}: lower it or re-mine with more neighbours")
-
-
-def _validate_teacher(config) -> None:
-  te = config.teacher
-  _choice(te.kind, "teacher.kind", ("", "workdir", "pretrained", "lit"))
-  _choice(te.dtype, "teacher.dtype", ("float32", "bfloat16"))
-  if te.kind and not te.path:
-    raise ConfigError(f"--config.teacher.kind={te.kind} needs --config.teacher.path (the teacher's "
-                      "workdir or checkpoint)")
-  if te.kind and not os.path.exists(te.path):
-    raise ConfigError(f"--config.teacher.path={te.path!r} does not exist: point it at the teacher's "
-                      "workdir or checkpoint")
-  if te.top_n < 1 or te.batch_size < 1:
-    raise ConfigError(f"--config.teacher.top_n={te.top_n} and --config.teacher.batch_size="
-                      f"{te.batch_size} must be positive")
-
-
-def _validate_loopitr(config) -> None:
-  lp, b = config.loopitr, config.batch_size
-  m = lp.num_negatives
-  if not 1 <= m < b:
-    raise ConfigError(
-        f"--config.loopitr.num_negatives={m} needs 1 <= m < batch_size={b}: the m hard negatives "
-        f"are mined in-batch, so use at most --config.loopitr.num_negatives={b - 1} or a larger "
-        "--config.batch_size")
-  _choice(lp.negative_sampling, "loopitr.negative_sampling", ("hard", "random"))
-  _choice(lp.itm_negatives, "loopitr.itm_negatives", ("hard", "random"))
-  _choice(lp.distill_negatives, "loopitr.distill_negatives", ("image", "text", "both", "none"))
-  _choice(lp.teacher, "loopitr.teacher", ("online", "momentum", "offline"))
-  if lp.teacher == "offline" and not os.path.isdir(os.path.join(lp.offline_workdir or "/nonexistent", "checkpoints")):
-    raise ConfigError(
-        f"--config.loopitr.offline_workdir={lp.offline_workdir!r} holds no checkpoints/: with "
-        "--config.loopitr.teacher=offline, point it at the --workdir of a finished LoopITR run")
-  if lp.init_towers_from and not os.path.isdir(os.path.join(lp.init_towers_from, "checkpoints")):
-    raise ConfigError(
-        f"--config.loopitr.init_towers_from={lp.init_towers_from!r} holds no checkpoints/: point it "
-        "at the --workdir of a finished dual-encoder run (configs/dual.py, configs/teacher.py:dual)")
-  if not 0.0 < lp.mlm_probability < 1.0:
-    raise ConfigError(f"--config.loopitr.mlm_probability={lp.mlm_probability} must be in (0, 1)")

@@ -4,17 +4,15 @@ Modes (`--mode`, each a `run(config, workdir)` function named in `MODES`):
   train          (default) train, resuming from the workdir's latest checkpoint; evaluate at the end
   eval           re-evaluate the workdir's latest checkpoint
   cache_teacher  run the config's teacher over the dataset once; store its features (teachers/cache.py)
-  train_lit      train the LiT teacher's heads on cached frozen-tower features (teachers/lit.py)
   mine           embed the corpus, build a ScaNN index and a hard-negative bank (mining/run.py)
-  export         write the student's towers as TFLite models into <workdir>/export (export/run.py) Config overrides use ml_collections
-syntax, e.g. `--config.batch_size=64 --config.loopitr.num_negatives=1`.
+  export         write the student's towers as TFLite models into <workdir>/export (export/run.py)
+Config overrides use ml_collections syntax, e.g. `--config.batch_size=64 --config.loopitr.num_negatives=1`.
 Every config problem is reported in one line, before anything is compiled.
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import sys
 
 from absl import app, flags, logging
@@ -28,10 +26,9 @@ _DISTRIBUTED = flags.DEFINE_bool(
 
 # mode -> "module:function"; the function takes (config, workdir). Imported only when chosen.
 MODES = {
-    "train": "jaxdistill.train.loop:train_and_evaluate",
+    "train": "jaxdistill.methods:train",
     "eval": "jaxdistill.train.loop:evaluate_workdir",
     "cache_teacher": "jaxdistill.teachers.cache:run",
-    "train_lit": "jaxdistill.teachers.lit:run",
     "mine": "jaxdistill.mining.run:run",
     "export": "jaxdistill.export.run:run",
 }
@@ -45,14 +42,9 @@ def _fail(message: str) -> None:
 
 def _load_config_file(argv: list[str]):
   """The config named by --config=PATH[:preset], loaded without applying overrides."""
+  from jaxdistill.config import load_config_file
   spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-  if spec is None:
-    return None
-  path, _, preset = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location("_jaxdistill_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(preset) if preset else module.get_config()
+  return None if spec is None else load_config_file(spec)
 
 
 def _unknown_override(config, argv: list[str]) -> str | None:
@@ -99,6 +91,9 @@ def main(argv: list[str]) -> None:
     jax.distributed.initialize()
   try:
     validate(config, jax.device_count(), _MODE.value)
+    if _MODE.value == "train":
+      from jaxdistill import methods
+      methods.validate(config)
     from jaxdistill.data.fashion_mnist import validate_fashion_mnist_dir
     validate_fashion_mnist_dir(config.data.fashion_mnist_dir or None)
     module_name, function_name = MODES[_MODE.value].split(":")

@@ -1,14 +1,22 @@
-"""WordPiece tokenizer over the benchmark grammar: coverage, length, encoding, save / load."""
+"""WordPiece tokenizer over the benchmark grammar: coverage, length, encoding, save / load; a
+pretrained tokenizer (MiniLM's): its special ids in encoding and masking, prepare_benchmark."""
 
 import os
 import re
 
+import jax
 import numpy as np
 import pytest
+import tokenizers
 
+from jaxdistill.config import base_config
 from jaxdistill.data import tokenizer as tk
+from jaxdistill.data.benchmark import TOKENIZER_FILE, prepare_benchmark
 from jaxdistill.data.compositional import SPLITS, build_benchmark
 from jaxdistill.data.fashion_mnist import load_fashion_mnist
+from jaxdistill.data.masking import FIRST_WORD_ID, mask_tokens
+from jaxdistill.errors import JaxDistillError
+from jaxdistill.pretrained.packaged import minilm_dir
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +95,67 @@ def test_errors(tmp_path):
     tk.build_tokenizer(["a bag"], vocab_size=5)
   with pytest.raises(ValueError, match="max_len=1"):
     tk.encode(tk.build_tokenizer(["a bag"], vocab_size=40), ["a bag"], max_len=1)
+
+
+# ------------------------------------------------ a pretrained tokenizer: MiniLM's vocabulary
+
+@pytest.fixture(scope="module")
+def minilm_tokenizer():
+  return tk.load_pretrained_tokenizer(minilm_dir())
+
+
+def test_built_vocabulary_keeps_the_fixed_special_ids(tokenizer):
+  assert tk.special_ids(tokenizer) == tk.SpecialIds() == tk.SpecialIds(0, 1, 2, 3, 4)
+  assert tk.SpecialIds().first_word == FIRST_WORD_ID == 5
+
+
+def test_minilm_special_ids_encode_and_masking(minilm_tokenizer):
+  special = tk.special_ids(minilm_tokenizer)
+  assert special == tk.SpecialIds(pad=0, unk=100, cls=101, sep=102, mask=103)
+  assert special.first_word == 104 and minilm_tokenizer.get_vocab_size() == 30522
+  texts = ["a bag top left", "two shirts on the right and a coat with a dress below it"]
+  ids, mask = tk.encode(minilm_tokenizer, texts, max_len=8)   # its own padding to 128 is off
+  vocab = minilm_tokenizer.get_vocab()
+  np.testing.assert_array_equal(ids[0], [101] + [vocab[w] for w in "a bag top left".split()] +
+                                [102, 0, 0])
+  np.testing.assert_array_equal(mask[0], [1] * 6 + [0, 0])
+  assert ids[1, -1] == 102 and mask[1].all()                 # cut to max_len, [SEP] kept
+
+  batch = np.stack([ids[0]] * 256 + [ids[1]] * 256)
+  batch_mask = np.stack([mask[0]] * 256 + [mask[1]] * 256)
+  masked, _, weights = jax.device_get(mask_tokens(
+      batch, batch_mask, jax.random.PRNGKey(0), probability=0.5,
+      vocab_size=30522, special=special))
+  selected = weights > 0
+  assert not selected[np.isin(batch, (101, 102, 0))].any() and selected.any()
+  assert (masked[selected] == 103).mean() > 0.7               # [MASK] is MiniLM's 103
+  replaced = selected & (masked != 103) & (masked != batch)
+  assert replaced.any() and (masked[replaced] >= 104).all() and (masked[replaced] < 30522).all()
+
+
+def test_prepare_benchmark_with_minilm_tokenizer(tmp_path):
+  config = base_config("tiny")
+  config.data.tokenizer = minilm_dir()
+  bench = prepare_benchmark(config, str(tmp_path))
+  assert bench.vocab_size == 30522 and bench.special_ids.cls == 101
+  ids, mask = bench.tokens["test"]
+  assert (ids[..., 0] == 101).all() and (ids[mask == 0] == 0).all()
+  saved = tk.load_tokenizer(str(tmp_path / TOKENIZER_FILE))   # saved in the workdir, no padding
+  assert saved.get_vocab_size() == 30522 and saved.padding is None and saved.truncation is None
+  config.data.tokenizer = ""                                  # the workdir's tokenizer wins
+  np.testing.assert_array_equal(prepare_benchmark(config, str(tmp_path)).tokens["test"][0], ids)
+
+
+def test_pretrained_tokenizer_errors(tmp_path):
+  with pytest.raises(tk.TokenizerError, match=r"data\.tokenizer=.*tokenizer\.json does not exist"):
+    tk.load_pretrained_tokenizer(str(tmp_path))
+  (tmp_path / "broken.json").write_text("{")
+  with pytest.raises(tk.TokenizerError, match=r"broken\.json is not a `tokenizers` tokenizer"):
+    tk.load_pretrained_tokenizer(str(tmp_path / "broken.json"))
+  bpe = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+  bpe.add_special_tokens(["<unk>", "<pad>"])
+  bpe.save(str(tmp_path / "tokenizer.json"))
+  with pytest.raises(tk.TokenizerError, match=r"no \[PAD\], \[UNK\], \[CLS\], \[SEP\], \[MASK\] "
+                     r"token"):
+    tk.load_pretrained_tokenizer(str(tmp_path))
+  assert issubclass(tk.TokenizerError, JaxDistillError)

@@ -14,7 +14,7 @@ from jaxdistill.data import pipeline
 from jaxdistill.data.compositional import build_benchmark, normalize_images
 from jaxdistill.data.fashion_mnist import load_fashion_mnist
 from jaxdistill.methods import dual as dual_method
-from jaxdistill.mining.bank import I2T_FILE, T2I_FILE, MISSING, caption_ids, training_negatives, write_bank
+from jaxdistill.data.negatives import I2T_FILE, T2I_FILE, MISSING, caption_ids, training_negatives, write_bank
 from jaxdistill.parallel.mesh import batch_sharding, make_mesh, replicated
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from jaxdistill.evaluate.binding import binding_accuracy
-from jaxdistill.evaluate.report import format_table, write_json_atomic
+from jaxdistill.atomic import write_json_atomic
+from jaxdistill.evaluate.report import format_table
 from jaxdistill.evaluate.rerank import rerank_recall
 from jaxdistill.evaluate.retrieval import (embed_in_batches, gold_ranks, recall_at_k,
                                            similarity_matrix)

@@ -12,7 +12,7 @@ import matplotlib.image
 import pytest
 
 from jaxdistill.evaluate import plots
-from jaxdistill.evaluate.report import write_json_atomic
+from jaxdistill.atomic import write_json_atomic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -1,6 +1,6 @@
 """BERT checkpoints: a tiny random transformers BertModel saved to disk and loaded through
 jaxdistill gives the same tokens / CLS / mean-pooled outputs (float32, max abs diff <= 1e-4);
-truncation equals the torch model with fewer layers; bad checkpoints give one clear error."""
+layer selection equals the torch model with fewer layers; bad checkpoints give one clear error."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import jax
 import numpy as np
 import pytest
 
+from jaxdistill.models.bert import Bert, cls_pool, mean_pool
 from jaxdistill.pretrained import bert
-from jaxdistill.pretrained.checkpoint import (CheckpointError, read_state_dict,
-                                              truncate_layers)
+from jaxdistill.pretrained.checkpoint import CheckpointError, read_state_dict, select_layers
 from jaxdistill.pretrained.registry import load_pretrained
 
 import torch
@@ -65,13 +65,13 @@ def _torch_mean(tokens, mask):
 def test_bert_matches_torch_cls_and_mean_pooling(tmp_path, hidden_act):
   model = _random_bert(tmp_path, hidden_act)
   module, params, config = load_pretrained(str(tmp_path))
-  assert config["hidden_act"] == hidden_act and isinstance(module, bert.Bert)
+  assert config["hidden_act"] == hidden_act and isinstance(module, Bert)
   ids, mask, types = _inputs()
   want = _torch_tokens(model, ids, mask, types)
   got = np.asarray(module.apply({"params": params}, ids, mask, types))
   assert np.abs(got - want).max() <= TOL
-  assert np.abs(np.asarray(bert.cls_pool(got)) - want[:, 0]).max() <= TOL
-  assert np.abs(np.asarray(bert.mean_pool(got, mask)) - _torch_mean(want, mask)).max() <= TOL
+  assert np.abs(np.asarray(cls_pool(got)) - want[:, 0]).max() <= TOL
+  assert np.abs(np.asarray(mean_pool(got, mask)) - _torch_mean(want, mask)).max() <= TOL
 
 
 def test_bin_and_wrapped_pth_read_like_safetensors(tmp_path):
@@ -107,14 +107,14 @@ class _NotATensor:
 
 def test_truncation_equals_torch_with_fewer_layers(tmp_path):
   _random_bert(tmp_path)
-  module, params, _ = load_pretrained(str(tmp_path), num_layers=1)
+  module, params, _ = load_pretrained(str(tmp_path), layers="first:1")
   assert module.num_layers == 1 and "layer_1" not in params
   short = transformers.BertModel.from_pretrained(str(tmp_path), num_hidden_layers=1).eval()
   ids, mask, types = _inputs()
   got = np.asarray(module.apply({"params": params}, ids, mask, types))
   assert np.abs(got - _torch_tokens(short, ids, mask, types)).max() <= TOL
-  with pytest.raises(CheckpointError, match=r"cannot keep 3 layers: the checkpoint has 2"):
-    truncate_layers(read_state_dict(str(tmp_path)), bert.LAYER_PATTERN, 3)
+  with pytest.raises(CheckpointError, match=r"'first:3' is out of range: the checkpoint has 2"):
+    select_layers(read_state_dict(str(tmp_path)), bert.LAYER_PATTERN, "first:3")
 
 
 def _save_state(directory, state):

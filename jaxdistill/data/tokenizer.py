@@ -1,18 +1,50 @@
 """The text tokenizer: a BERT-style WordPiece vocabulary (Devlin et al. 2019) trained on the
-benchmark's captions with the `tokenizers` library, its (atomic) saving and loading, and encoding
-to fixed-length id / mask arrays."""
+benchmark's captions with the `tokenizers` library, or a pretrained one (e.g. MiniLM's
+tokenizer.json); its (atomic) saving and loading, its special-token ids, and encoding to
+fixed-length id / mask arrays."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 from jaxdistill.atomic import atomic_open
+from jaxdistill.errors import JaxDistillError
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
-PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = range(len(SPECIAL_TOKENS))
+PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = range(len(SPECIAL_TOKENS))   # build_tokenizer ids
+
+
+class TokenizerError(JaxDistillError, ValueError):
+  """A pretrained tokenizer that cannot be read or lacks BERT's special tokens."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecialIds:
+  """Ids of [PAD], [UNK], [CLS], [SEP], [MASK] in one vocabulary (default: build_tokenizer's)."""
+  pad: int = PAD_ID
+  unk: int = UNK_ID
+  cls: int = CLS_ID
+  sep: int = SEP_ID
+  mask: int = MASK_ID
+
+  @property
+  def first_word(self) -> int:
+    """Smallest id above every special token (build_tokenizer: 5; BERT / MiniLM: 104)."""
+    return max(dataclasses.astuple(self)) + 1
+
+
+def special_ids(tokenizer: tokenizers.Tokenizer) -> SpecialIds:
+  """The tokenizer's SpecialIds; TokenizerError if one of SPECIAL_TOKENS is not in its vocab."""
+  ids = [tokenizer.token_to_id(token) for token in SPECIAL_TOKENS]
+  if missing := [t for t, i in zip(SPECIAL_TOKENS, ids) if i is None]:
+    raise TokenizerError(f"the tokenizer has no {', '.join(missing)} token: jaxdistill needs a "
+                         f"BERT-style vocabulary with {', '.join(SPECIAL_TOKENS)}; use such a "
+                         "tokenizer (e.g. MiniLM's) or leave --config.data.tokenizer empty")
+  return SpecialIds(*ids)
 
 
 def build_tokenizer(texts: list[str], vocab_size: int = 256) -> tokenizers.Tokenizer:
@@ -60,18 +92,38 @@ def load_tokenizer(path: str) -> tokenizers.Tokenizer:
   return tokenizers.Tokenizer.from_file(path)
 
 
+def load_pretrained_tokenizer(path: str) -> tokenizers.Tokenizer:
+  """A pretrained tokenizer: `path` is a tokenizer.json or a Hugging Face directory holding one.
+  Its own padding and truncation are turned off (encode pads and cuts to max_len)."""
+  file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+  if not os.path.isfile(file):
+    raise TokenizerError(f"--config.data.tokenizer={path!r}: {file} does not exist; point it at "
+                         "a tokenizer.json or a Hugging Face model directory holding one (e.g. "
+                         "MiniLM's), or leave it empty to build a vocabulary from the captions")
+  try:
+    tokenizer = tokenizers.Tokenizer.from_file(file)
+  except Exception as e:  # tokenizers raises a bare Exception for malformed files
+    raise TokenizerError(f"--config.data.tokenizer={path!r}: {file} is not a `tokenizers` "
+                         f"tokenizer.json ({e}); save it with tokenizer.save()") from e
+  tokenizer.no_padding()
+  tokenizer.no_truncation()
+  special_ids(tokenizer)   # refuses a vocabulary without BERT's special tokens
+  return tokenizer
+
+
 def encode(tokenizer: tokenizers.Tokenizer, texts: list[str],
            max_len: int) -> tuple[np.ndarray, np.ndarray]:
-  """Token ids int32 [N, max_len] ([CLS] ... [SEP], then PAD_ID) and mask int32 [N, max_len]
+  """Token ids int32 [N, max_len] ([CLS] ... [SEP], then [PAD]) and mask int32 [N, max_len]
   (1 on real tokens). Longer texts are cut to max_len with [SEP] kept as the last token."""
   if max_len < 2:
     raise ValueError(f"max_len={max_len} must hold at least [CLS] and [SEP]")
-  ids = np.full((len(texts), max_len), PAD_ID, np.int32)
+  special = special_ids(tokenizer)
+  ids = np.full((len(texts), max_len), special.pad, np.int32)
   mask = np.zeros((len(texts), max_len), np.int32)
   for row, encoding in enumerate(tokenizer.encode_batch(texts)):
     tokens = encoding.ids
     if len(tokens) > max_len:
-      tokens = tokens[:max_len - 1] + [SEP_ID]
+      tokens = tokens[:max_len - 1] + [special.sep]
     ids[row, :len(tokens)] = tokens
     mask[row, :len(tokens)] = 1
   return ids, mask

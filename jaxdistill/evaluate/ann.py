@@ -17,7 +17,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxdistill.evaluate.retrieval import check_caption_to_image, check_ks, recall_from_ranks
-from jaxdistill.mining.exact import exact_top_k
+from jaxdistill.mining.exact import exact_top_k, neighbor_recall
 from jaxdistill.mining.scann_index import IndexParams, build_index, derive_params
 
 
@@ -26,13 +26,6 @@ def ranks_from_lists(ids: np.ndarray, gold_of: np.ndarray, query_gold: np.ndarra
   gold_of[id] compared with query_gold[q]; K when absent. -> int [Q]."""
   hit = (ids >= 0) & (gold_of[np.maximum(ids, 0)] == query_gold[:, None])
   return np.where(hit.any(axis=1), hit.argmax(axis=1), ids.shape[1])
-
-
-def neighbor_recall(approx: np.ndarray, exact: np.ndarray) -> float:
-  """Mean over queries of |approx row ∩ exact row| / |exact row| (ids -1 ignored)."""
-  hits = [len(set(a[a >= 0]) & set(e[e >= 0])) / max((e >= 0).sum(), 1)
-          for a, e in zip(approx, exact)]
-  return float(np.mean(hits))
 
 
 def ann_recall(img_emb: np.ndarray, txt_emb: np.ndarray, caption_to_image: np.ndarray,

@@ -1,4 +1,4 @@
-"""Evaluates a recipe's towers on a benchmark split: dual-encoder retrieval, cross-encoder
+"""Evaluates a network's towers (models/build.py `Towers`) on a benchmark split: dual-encoder retrieval, cross-encoder
 re-ranking of the dual top-k (paper 003 Table 13), and the binding probe for both encoders."""
 
 from __future__ import annotations
@@ -16,16 +16,16 @@ from jaxdistill.evaluate.binding import binding_accuracy
 from jaxdistill.evaluate.report import format_table
 from jaxdistill.evaluate.rerank import rerank_recall
 from jaxdistill.evaluate.retrieval import embed_in_batches, recall_at_k, similarity_matrix
-from jaxdistill.methods.base import Recipe
+from jaxdistill.models.build import Towers
 
 
-def evaluate_and_report(recipe: Recipe, params, bench: Benchmark, config: ml_collections.ConfigDict,
+def evaluate_and_report(towers: Towers, params, bench: Benchmark, config: ml_collections.ConfigDict,
                         split: str, verbose: bool = True) -> dict:
   """Returns {"dual": metrics, "dual+rerank@k": metrics, "split": split}; prints the table."""
   ev = config.eval
   arrays = eval_arrays(bench.splits[split], *bench.tokens[split])
-  embed_image = jax.jit(lambda images: recipe.embed_image(params, images))
-  embed_text = jax.jit(lambda ids, mask: recipe.embed_text(params, ids, mask))
+  embed_image = jax.jit(lambda images: towers.embed_image(params, images))
+  embed_text = jax.jit(lambda ids, mask: towers.embed_text(params, ids, mask))
 
   t0 = time.time()
   img_emb, img_tok = embed_in_batches(lambda a: embed_image(a["image"]),
@@ -47,20 +47,20 @@ def evaluate_and_report(recipe: Recipe, params, bench: Benchmark, config: ml_col
   dual["binding"] = binding_accuracy(np.sum(img_emb * true_emb, -1), np.sum(img_emb * false_emb, -1))
   results = {"split": split, "dual": dual}
 
-  if recipe.match_scores is not None:
+  if towers.match_scores is not None:
     img_tok_d, txt_tok_d = jnp.asarray(img_tok), jnp.asarray(txt_tok)
     txt_mask_d = jnp.asarray(arrays["text_mask"])
 
     @jax.jit
     def score_indexed(img_idx, txt_idx):
-      return recipe.match_scores(params, img_tok_d[img_idx], txt_tok_d[txt_idx], txt_mask_d[txt_idx])
+      return towers.match_scores(params, img_tok_d[img_idx], txt_tok_d[txt_idx], txt_mask_d[txt_idx])
 
     reranked, timing = rerank_recall(
         sim, c2i, lambda i, t: np.asarray(score_indexed(jnp.asarray(i), jnp.asarray(t))),
         k=ev.rerank_k, pair_batch_size=ev.pair_batch_size)
     reranked["query_ms"] = dual["query_ms"] + timing["ms_per_query"]
 
-    match = jax.jit(lambda i, t, m: recipe.match_scores(params, i, t, m))
+    match = jax.jit(lambda i, t, m: towers.match_scores(params, i, t, m))
     n = len(true_ids)
     probe = lambda tok, mask: np.concatenate([
         np.asarray(match(img_tok[s:s + ev.batch_size], tok[s:s + ev.batch_size],

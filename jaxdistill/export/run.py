@@ -9,8 +9,9 @@
   python -m jaxdistill.main --config=configs/loopitr.py --workdir=runs/loopitr --mode=export \
       [--config.export.quantization=none|float16|int8]
 
-One code path for every recipe: the towers are the Recipe's `embed_image` / `embed_text`
-(the embedding, [0]) closed over the params. `export_towers` takes params directly (a teacher
+One code path for every run: the network comes from the run's own config.json (store/run.py,
+no recipe or teacher is built) and its towers' `embed_image` / `embed_text` (the embedding, [0])
+are closed over the params; the export settings come from the command's config. `export_towers` takes params directly (a teacher
 exported from an initialisation, in benchmarks/export.py); `run` restores them and calls it.
 Files are written into a temporary directory next to export/, checked for parity, then renamed
 into place: a failed export (bad workdir, incompatible checkpoint, unconvertible op, missed
@@ -30,17 +31,17 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxdistill import methods
 from jaxdistill.data.benchmark import TOKENIZER_FILE, Benchmark, prepare_benchmark
 from jaxdistill.data.compositional import IMAGE_MEAN, IMAGE_STD, normalize_images
 from jaxdistill.data.tokenizer import load_tokenizer, save_tokenizer
-from jaxdistill.evaluate.report import write_json_atomic
+from jaxdistill.atomic import write_json_atomic
 from jaxdistill.evaluate.retrieval import embed_in_batches
 from jaxdistill.export import ExportError, manifest, parity, tflite
-from jaxdistill.methods.base import Recipe
+from jaxdistill.errors import JaxDistillError
+from jaxdistill.models.build import Towers
 from jaxdistill.parallel.mesh import make_mesh
 from jaxdistill.search import MANIFEST, load_export
-from jaxdistill.train.checkpoint import Checkpointer
+from jaxdistill.store.run import load_run
 
 EXPORT_DIR = "export"
 IMAGE_FILE, TEXT_FILE = "image_encoder.tflite", "text_encoder.tflite"
@@ -52,65 +53,30 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def restore_student(config: ml_collections.ConfigDict, workdir: str
-                    ) -> tuple[Recipe, dict, ml_collections.ConfigDict, Benchmark, dict]:
-  """(recipe, params, config, benchmark, source) of the latest checkpoint of `workdir`, the
-  first arguments of `export_towers`."""
+                    ) -> tuple[Towers, dict, ml_collections.ConfigDict, Benchmark, dict]:
+  """(towers, params, config, benchmark, source) of the latest checkpoint of `workdir`, the
+  first arguments of `export_towers`; config = the run's own, with this command's export and
+  eval sections."""
   checkpoints = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(checkpoints):
     raise ExportError(f"{checkpoints} does not exist: --workdir must be a training run's directory "
                       f"(train first: --mode=train --workdir={workdir})")
-  tokenizer_path = os.path.join(workdir, TOKENIZER_FILE)
-  with config.unlocked():
-    config.model.vocab_size = load_tokenizer(tokenizer_path).get_vocab_size()
-  bench = prepare_benchmark(config, workdir)   # reads the run's tokenizer, writes nothing
-  steps_per_epoch = max(len(bench.splits["train"].image_ids) // config.batch_size, 1)
-  recipe = methods.build(config, make_mesh(config.mesh.data, config.mesh.fsdp), steps_per_epoch)
-  expected = jax.eval_shape(recipe.init_params, jax.random.PRNGKey(0))
-  params, step = restore_params(workdir, expected)
-  return recipe, params, config, bench, {"recipe": recipe.name, "workdir": os.path.abspath(workdir),
-                                         "step": step}
-
-
-def restore_params(workdir: str, expected) -> tuple[dict, int]:
-  """The params of the latest checkpoint, checked leaf by leaf against `expected`
-  (ShapeDtypeStructs of the config's model); returns (params, step)."""
-  checkpointer = Checkpointer(workdir)
   try:
-    step = checkpointer.latest_step()
-    if step is None:
-      raise ExportError(f"no checkpoint in {checkpointer.directory}: train first with "
-                        f"--mode=train --workdir={workdir}")
-    where = f"{checkpointer.directory}/{step}"
-    try:
-      params = checkpointer.restore_raw(step)["params"]
-    except Exception as e:  # noqa: BLE001 - orbax / tensorstore raise many types for bad files
-      reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
-      raise ExportError(f"checkpoint {where} is unreadable ({reason}): re-train or point "
-                        "--workdir at a complete run") from e
-  finally:
-    checkpointer.close()
-  shapes = lambda tree: {jax.tree_util.keystr(k): tuple(v.shape)
-                         for k, v in jax.tree_util.tree_leaves_with_path(tree)}
-  found, want = shapes(params), shapes(expected)
-  if found != want:
-    name = sorted(k for k in found.keys() | want.keys() if found.get(k) != want.get(k))[0]
-    trained = _trained_preset(workdir)
-    raise ExportError(f"checkpoint {where} does not fit the config's model: param {name} is "
-                      f"{found.get(name, 'missing')} in the checkpoint, {want.get(name, 'absent')} "
-                      f"in the config; export with the config the run was trained with{trained}")
-  return params, step
+    run = load_run(workdir)
+  except JaxDistillError as e:
+    raise ExportError(str(e)) from None
+  except Exception as e:  # noqa: BLE001 - orbax / tensorstore raise many types for bad files
+    reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
+    raise ExportError(f"the checkpoint in {checkpoints} is unreadable ({reason}): re-train or "
+                      "point --workdir at a complete run") from e
+  run_config = ml_collections.ConfigDict(run.config.to_dict())
+  run_config.export, run_config.eval = config.export, config.eval
+  bench = prepare_benchmark(run_config, workdir)   # reads the run's tokenizer, writes nothing
+  return run.towers, run.params, run_config, bench, {
+      "recipe": run.config.get("method", ""), "workdir": run.workdir, "step": run.step}
 
 
-def _trained_preset(workdir: str) -> str:
-  try:
-    with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-      c = json.load(f)
-    return f" (its config.json: method {c.get('method')!r}, preset {c.get('preset')!r})"
-  except (OSError, ValueError):
-    return ""
-
-
-def export_towers(recipe: Recipe, params, config: ml_collections.ConfigDict, bench: Benchmark,
+def export_towers(towers: Towers, params, config: ml_collections.ConfigDict, bench: Benchmark,
                   source: dict, directory: str, parity_images: int = 0) -> dict:
   """Converts both towers with config.export.quantization, writes them, the tokenizer and the
   manifest into `directory` (replacing it atomically) after the parity check on
@@ -121,8 +87,8 @@ def export_towers(recipe: Recipe, params, config: ml_collections.ConfigDict, ben
   image_inputs = [tflite.InputSpec("images", (m.image_size, m.image_size, m.channels), "float32")]
   text_inputs = [tflite.InputSpec("ids", (m.max_len,), "int32"),
                  tflite.InputSpec("mask", (m.max_len,), "int32")]
-  embed_image = lambda p, images: recipe.embed_image(p, images)[0]
-  embed_text = lambda p, ids, mask: recipe.embed_text(p, ids, mask)[0]
+  embed_image = lambda p, images: towers.embed_image(p, images)[0]
+  embed_text = lambda p, ids, mask: towers.embed_text(p, ids, mask)[0]
   parent = os.path.dirname(os.path.abspath(directory))
   os.makedirs(parent, exist_ok=True)
   staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(directory)}-")
@@ -152,7 +118,7 @@ def export_towers(recipe: Recipe, params, config: ml_collections.ConfigDict, ben
     _publish(staging, directory)
   finally:
     shutil.rmtree(staging, ignore_errors=True)
-  print(f"exported {recipe.name} ({quantization}) to {directory}: " + ", ".join(
+  print(f"exported {source.get('recipe', 'the student')} ({quantization}) to {directory}: " + ", ".join(
       f"{name} {entry['bytes'] / 2**20:.2f} MiB" for name, entry in entries["file_table"].items()),
       flush=True)
   return manifest.build(**entries, parity=result)

@@ -1,56 +1,67 @@
-"""What every recipe hands the trainer: a model, its params, one pure loss and the eval towers."""
+"""What every recipe hands the trainer: named modules, one pure loss, frozen inputs, EMA, carry.
+
+The trainer (train/loop.py) does the rest from the config, as data: initialisation (resume >
+config.init_from > random), the optimiser from config.trainable, the shardings from
+config.sharding, the jitted step, evaluation of the "student" module's towers.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
 
-from jaxdistill.models.dual import DualEncoder
+from jaxdistill.models.build import build_model, init_params
 
-# (params, teacher_params, batch, step) -> (loss scalar, metrics dict of scalars); a recipe with
-# init_recipe_state gets the recipe state as a fifth argument and returns
-# (loss, (metrics, new recipe state)).
-LossFn = Callable[..., tuple[jax.Array, Any]]
+# loss_fn(params {module: tree}, frozen {name: tree, "ema": {module: tree}}, extra, batch,
+#         rng [2] uint32, step int32 []) -> (loss [], metrics {name: []}, extra)
+LossFn = Callable[..., tuple[jax.Array, dict, Any]]
+STUDENT = "student"   # the module that eval, export and mining read
+
+
+@dataclasses.dataclass(frozen=True)
+class Module:
+  """A trainable network: its flax module and init(key) -> params tree."""
+  model: nn.Module
+  init: Callable[[jax.Array], Any]
 
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-  """A paper recipe, ready for `train.step.make_train_step` and `evaluate.run`.
+  """A paper recipe on the training contract.
 
-  embed_image(params, images [B,H,W,C]) -> (emb [B,E] L2-normalised, tokens [B,M,D])
-  embed_text(params, ids [B,L], mask [B,L]) -> (emb [B,E], tokens [B,L,D])
-  match_scores(params, image_tokens [P,M,D], text_tokens [P,L,D], text_mask [P,L]) -> [P]
-    (cross encoder's positive-class logit), or None for recipes without a cross encoder.
-  teacher_params: frozen params of an offline teacher, or None.
-  ema_momentum: > 0 when the recipe keeps an EMA of its params in the TrainState; loss_fn then
-    gets the EMA params as its teacher argument, or the pair (ema_params, teacher_params) when
-    the recipe has both (a momentum encoder beside a frozen teacher, CPRD).
-  init_recipe_state: () -> pytree of arrays the recipe carries from step to step (e.g. CPRD's
-    feature queues), or None. It lives in TrainState.recipe_state (replicated, checkpointed)
-    and loss_fn takes and returns it (see LossFn).
+  modules: {name: Module}, the trainable networks; "student" is the one evaluated and exported.
+  loss_fn: see LossFn.
+  frozen: {name: tree} of device-placeable arrays the loss reads but never differentiates:
+    teachers' params by their config.teachers name, recipe data (CPRD's train images or
+    similarity bank). The trainer shards them with the config.sharding rules (paths
+    "frozen/<name>/...") and passes them to every step.
+  ema: {module: momentum}: modules whose exponential moving average the state keeps; the loss
+    reads them as frozen["ema"][module].
+  init_extra: () -> the carry's initial value (e.g. feature queues), or None for {}.
   """
   name: str
-  model: nn.Module
-  init_params: Callable[[jax.Array], Any]
+  modules: Mapping[str, Module]
   loss_fn: LossFn
-  embed_image: Callable
-  embed_text: Callable
-  match_scores: Callable | None
-  teacher_params: Any = None
-  ema_momentum: float = 0.0
-  init_recipe_state: Callable[[], Any] | None = None
+  frozen: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  ema: Mapping[str, float] = dataclasses.field(default_factory=dict)
+  init_extra: Callable[[], Any] | None = None
 
 
-def dual_towers(model: DualEncoder) -> tuple[Callable, Callable]:
-  """(embed_image, embed_text) of a DualEncoder in the Recipe's signatures (see Recipe)."""
+_DROPOUT_STREAM = 0x0D0   # folded into the step key for dropout, apart from the recipe's own keys
 
-  def embed_image(params, images):
-    return model.apply({"params": params}, images, method=DualEncoder.encode_image)
 
-  def embed_text(params, ids, mask):
-    return model.apply({"params": params}, ids, mask, method=DualEncoder.encode_text)
+def dropout_rngs(config, rng: jax.Array, call: int) -> dict | None:
+  """Flax `rngs` for the call-th network application of a step: {"dropout": key} when
+  config.model.dropout_rate > 0 (training mode), else None (deterministic)."""
+  if config.model.dropout_rate <= 0:
+    return None
+  return {"dropout": jax.random.fold_in(jax.random.fold_in(rng, _DROPOUT_STREAM), call)}
 
-  return embed_image, embed_text
+
+def student_module(config) -> Module:
+  """The "student" module built from config.model (models/build.py)."""
+  model = build_model(config.model)
+  return Module(model, lambda key: init_params(model, config.model, key))

@@ -43,15 +43,12 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxdistill.config import ConfigError
-from jaxdistill.data.benchmark import prepare_benchmark
 from jaxdistill.data.compositional import normalize_images
 from jaxdistill.losses import ranking
 from jaxdistill.losses.contrastive import contrastive_loss
-from jaxdistill.methods.base import Recipe, dual_towers
-from jaxdistill.methods.dual import build_model, param_initializer
-from jaxdistill.models.dual import DualEncoder
+from jaxdistill.methods.base import STUDENT, Recipe, dropout_rngs, student_module
+from jaxdistill.models.build import towers as towers_of
 from jaxdistill.parallel import queue as fq
-from jaxdistill.parallel.mesh import replicated
 from jaxdistill.teachers import load_teacher
 from jaxdistill.teachers.cache import FeatureCache
 
@@ -90,10 +87,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"--config.cprd.bank_dir={cp.bank_dir} holds no finished teacher cache: "
                         "build one with --mode=cache_teacher (a LoopITR teacher) and point at its "
                         "train/ directory")
-  elif cp.distill != "none" and not (config.teacher.kind and config.teacher.path):
+  elif cp.distill != "none" and not (config.teachers.teacher.kind and config.teachers.teacher.path):
     raise ConfigError(f"--config.cprd.distill={cp.distill} needs a frozen teacher: set "
-                      "--config.teacher.kind=workdir --config.teacher.path=<LoopITR workdir>, or "
-                      "--config.cprd.bank_dir=<teacher cache>/train for offline scores")
+                      "--config.teachers.teacher.kind=workdir --config.teachers.teacher.path=<LoopITR "
+                      "workdir>, or --config.cprd.bank_dir=<teacher cache>/train for offline scores")
 
 
 def _scorer(teacher, kind: str):
@@ -150,24 +147,25 @@ def load_bank(bank_dir: str, train_image_ids: np.ndarray, captions_per_image: in
           "t2i_keys": np.asarray(cache.t2i_index, np.int32), "t2i_scores": sigmoid(cache.t2i_score)}
 
 
-def make_loss_fn(config: ml_collections.ConfigDict, model: DualEncoder, score_pairs,
-                 image_offset: int, captions_per_image: int):
-  """loss_fn(params, (ema_params, frozen), batch, step, queue) -> (loss, (metrics, queue));
-  with distill=none the teacher argument is ema_params alone (the recipe has no frozen teacher).
+def make_loss_fn(config: ml_collections.ConfigDict, model, score_pairs, image_offset: int,
+                 captions_per_image: int):
+  """loss_fn(params, frozen, extra, batch, rng, step) -> (loss, metrics, extra); extra =
+  {"queue": FeatureQueue}; frozen["ema"]["student"] is the momentum encoder.
 
-  Online teacher (cprd.bank_dir = ""): frozen = {"teacher": teacher params, "images": float32
-  [N_train,H,W,C]} and score_pairs = `_scorer(...)`. Offline (bank_dir set): frozen =
-  `load_bank(...)`, score_pairs None; the batch then also carries caption_index [B] (which of
-  its image's C captions it is), so that a text is addressable by its caption row. batch: image
-  [B,H,W,C], text_ids / text_mask [B,L], image_id [B] (the train split's example i has image_id
-  image_offset + i)."""
+  Online teacher (cprd.bank_dir = ""): frozen["teacher"] = teacher params, frozen["images"] =
+  float32 [N_train,H,W,C], and score_pairs = `_scorer(...)`. Offline (bank_dir set):
+  frozen["bank"] = `load_bank(...)`, score_pairs None; the batch then also carries
+  caption_index [B] (which of its image's C captions it is), so that a text is addressable by
+  its caption row. batch: image [B,H,W,C], text_ids / text_mask [B,L], image_id [B] (the train
+  split's example i has image_id image_offset + i)."""
   cp = config.cprd
   k, n_c, w, c = cp.num_hard, cp.cross_queue_size, cp.distill_weight, captions_per_image
   offline = bool(cp.bank_dir)
+  student = towers_of(model)
 
-  def encode(params, images, ids, mask):
-    img, _ = model.apply({"params": params}, images, method=DualEncoder.encode_image)
-    txt, _ = model.apply({"params": params}, ids, mask, method=DualEncoder.encode_text)
+  def encode(params, images, ids, mask, rngs=(None, None)):
+    img, _ = student.embed_image(params, images, rngs=rngs[0])
+    txt, _ = student.embed_text(params, ids, mask, rngs=rngs[1])
     return img, txt
 
   def direction(logits, negatives, score_hard, score_positive, tau):
@@ -201,10 +199,11 @@ def make_loss_fn(config: ml_collections.ConfigDict, model: DualEncoder, score_pa
     b, qv = ids.shape[0], queue.values
     cand_index = jnp.concatenate([image_id - image_offset, qv["image_index"]])   # image rows
     if offline:   # §3.2.2: pairs absent from the bank are unscored, hence invalid
+      bank = frozen["bank"]
       cand_caption_row = jnp.concatenate([caption_row, qv["caption_row"]])
-      i2t = lambda hard: ranking.bank_lookup(frozen["i2t_keys"], frozen["i2t_scores"],
+      i2t = lambda hard: ranking.bank_lookup(bank["i2t_keys"], bank["i2t_scores"],
                                              image_id - image_offset, cand_caption_row[hard])
-      t2i = lambda hard: ranking.bank_lookup(frozen["t2i_keys"], frozen["t2i_scores"],
+      t2i = lambda hard: ranking.bank_lookup(bank["t2i_keys"], bank["t2i_scores"],
                                              caption_row, cand_index[hard])
       return (i2t, None), (t2i, None)
     teacher = frozen["teacher"]
@@ -225,12 +224,14 @@ def make_loss_fn(config: ml_collections.ConfigDict, model: DualEncoder, score_pa
       return s.reshape(b, k), jnp.take_along_axis(scorable, hard, axis=1)
     return (i2t, positive), (t2i, positive)
 
-  def loss_fn(params, teachers, batch, step, queue: fq.FeatureQueue):
-    ema_params, frozen = teachers if cp.distill != "none" else (teachers, None)
+  def loss_fn(params, frozen, extra, batch, rng, step):
+    del step
+    params, ema_params, queue = params[STUDENT], frozen["ema"][STUDENT], extra["queue"]
     images, ids, mask, image_id = batch["image"], batch["text_ids"], batch["text_mask"], batch["image_id"]
     b = ids.shape[0]
-    img, txt = encode(params, images, ids, mask)
-    tau = model.apply({"params": params}, method=DualEncoder.temperature)
+    img, txt = encode(params, images, ids, mask,
+                      (dropout_rngs(config, rng, 0), dropout_rngs(config, rng, 1)))
+    tau = student.temperature(params)
     m_img, m_txt = jax.lax.stop_gradient(encode(ema_params, images, ids, mask))
     qv = queue.values
     # Candidates: columns [0, B) the batch's momentum keys, [B, B + N_q) the queue.
@@ -263,7 +264,7 @@ def make_loss_fn(config: ml_collections.ConfigDict, model: DualEncoder, score_pa
     queue = fq.enqueue(queue, keys, image_id)
     loss = l_itc + w * l_distill                                             # eq. 9
     parts.update(itc=l_itc, distill=l_distill, temperature=tau)
-    return loss, (parts, queue)
+    return loss, parts, {"queue": queue}
 
   return loss_fn
 
@@ -281,39 +282,38 @@ def queue_spec(config: ml_collections.ConfigDict) -> dict:
   return fields
 
 
-def build(config: ml_collections.ConfigDict, mesh: Mesh, steps_per_epoch: int) -> Recipe:
-  """The CPRD recipe; loads the frozen teacher (config.teacher) or, offline, the similarity bank
-  (config.cprd.bank_dir), unless cprd.distill=none."""
-  del steps_per_epoch
+def teacher_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The config.teachers sections this configuration reads: "teacher" when scoring online."""
+  return ("teacher",) if config.cprd.distill != "none" and not config.cprd.bank_dir else ()
+
+
+def build(config: ml_collections.ConfigDict, mesh: Mesh, bench, steps_per_epoch: int) -> Recipe:
+  """The CPRD recipe: module "student" with its momentum EMA; frozen = the teacher
+  (config.teachers.teacher) and the train images, or offline the similarity bank
+  (config.cprd.bank_dir); nothing with cprd.distill=none."""
+  del mesh, steps_per_epoch
   validate(config)
   cp = config.cprd
-  model = build_model(config.model)
-  bench = prepare_benchmark(config, None)
+  student = student_module(config)
   train = bench.splits["train"]
   captions_per_image = int(bench.tokens["train"][0].shape[1])
   image_offset = int(train.image_ids[0])
   if not np.array_equal(train.image_ids, image_offset + np.arange(len(train.image_ids))):
-    raise ValueError("cprd: the train split's image_ids are not consecutive, so queued example "
-                     "indices cannot address its images; rebuild the benchmark")
-  frozen, score_pairs = None, None
+    raise ConfigError("cprd: the train split's image_ids are not consecutive, so queued example "
+                      "indices cannot address its images; rebuild the benchmark (--config.data)")
+  frozen, score_pairs = {}, None
   if cp.distill != "none" and cp.bank_dir:
-    frozen = jax.device_put(load_bank(cp.bank_dir, train.image_ids, captions_per_image),
-                            replicated(mesh))
+    frozen["bank"] = load_bank(cp.bank_dir, train.image_ids, captions_per_image)
   elif cp.distill != "none":
-    teacher = load_teacher(config.teacher)
+    teacher = load_teacher(config.teachers.teacher)
     score_pairs = _scorer(teacher, cp.teacher_scores)
-    frozen = jax.device_put({"teacher": teacher.params,
-                             "images": normalize_images(train.images)}, replicated(mesh))
-  embed_image, embed_text = dual_towers(model)
+    frozen["teacher"] = teacher.params
+    frozen["images"] = np.asarray(normalize_images(train.images))
   return Recipe(
       name="cprd",
-      model=model,
-      init_params=param_initializer(model, config.model),
-      loss_fn=make_loss_fn(config, model, score_pairs, image_offset, captions_per_image),
-      embed_image=embed_image,
-      embed_text=embed_text,
-      match_scores=None,
-      teacher_params=frozen,
-      ema_momentum=cp.momentum,
-      init_recipe_state=lambda: fq.create_queue(cp.queue_size, queue_spec(config)),
+      modules={STUDENT: student},
+      loss_fn=make_loss_fn(config, student.model, score_pairs, image_offset, captions_per_image),
+      frozen=frozen,
+      ema={STUDENT: cp.momentum},
+      init_extra=lambda: {"queue": fq.create_queue(cp.queue_size, queue_spec(config))},
   )

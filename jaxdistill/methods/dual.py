@@ -20,34 +20,11 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
+from jaxdistill.data.negatives import MISSING
 from jaxdistill.losses.contrastive import contrastive_loss
-from jaxdistill.methods.base import Recipe, dual_towers
-from jaxdistill.mining.bank import MISSING
-from jaxdistill.models.dual import DualEncoder
-from jaxdistill.models.text import TextEncoder
-from jaxdistill.models.vit import ViT
+from jaxdistill.methods.base import STUDENT, Recipe, dropout_rngs, student_module
+from jaxdistill.models.build import towers as towers_of
 from jaxdistill.parallel.gather import gathered_similarity_logits
-
-
-def build_model(mc: ml_collections.ConfigDict, dtype: Any = jnp.float32) -> DualEncoder:
-  """DualEncoder (ViT image tower, BERT-style text tower) from the `model` config section; the
-  student of the dual and CPRD recipes. dtype: computation dtype (params stay float32)."""
-  image_encoder = ViT(mc.patch_size, mc.vision_width, mc.vision_layers, mc.vision_heads,
-                      mc.vision_mlp, stem=mc.stem, dropout_rate=mc.dropout_rate, dtype=dtype)
-  text_encoder = TextEncoder(mc.vocab_size, mc.max_len, mc.text_width, mc.text_layers,
-                             mc.text_heads, mc.text_mlp, dropout_rate=mc.dropout_rate, dtype=dtype)
-  return DualEncoder(image_encoder, text_encoder, mc.embed_dim, image_pool=mc.image_pool,
-                     temperature_init=mc.temperature_init, dtype=dtype)
-
-
-def param_initializer(model: DualEncoder, mc: ml_collections.ConfigDict):
-  """init(key) -> the DualEncoder's params, from one dummy image and caption of `mc`'s sizes."""
-
-  def init(key):
-    images = jnp.zeros((1, mc.image_size, mc.image_size, mc.channels), jnp.float32)
-    ids = jnp.zeros((1, mc.max_len), jnp.int32)
-    return model.init(key, images, ids, jnp.ones_like(ids))["params"]
-  return init
 
 
 def _mined_logits(queries: jax.Array, mined: jax.Array, mined_owner: jax.Array,
@@ -59,28 +36,32 @@ def _mined_logits(queries: jax.Array, mined: jax.Array, mined_owner: jax.Array,
   return jnp.where(drop, -jnp.inf, logits)
 
 
-def make_loss_fn(config: ml_collections.ConfigDict, model: DualEncoder, mesh: Mesh):
-  """loss_fn(params, teacher_params, batch, step) -> (loss, metrics).
+def make_loss_fn(config: ml_collections.ConfigDict, model, mesh: Mesh):
+  """loss_fn(params, frozen, extra, batch, rng, step) -> (loss, metrics, extra).
 
   batch: image [B,H,W,C], text_ids / text_mask [B,L], image_id [B]; with k > 0 also (from the
   bank, data/pipeline.py) neg_text_ids / neg_text_mask [B,k,L], neg_text_owner [B,k],
   neg_image [B,k,H,W,C], neg_image_owner [B,k]."""
   k = config.dual.hard_negatives
+  student = towers_of(model)
 
-  def loss_fn(params, teacher_params, batch, step):
-    del teacher_params, step
-    apply = lambda method, *args: model.apply({"params": params}, *args, method=method)[0]
-    img = apply(DualEncoder.encode_image, batch["image"])
-    txt = apply(DualEncoder.encode_text, batch["text_ids"], batch["text_mask"])
-    tau = model.apply({"params": params}, method=DualEncoder.temperature)
+  def loss_fn(params, frozen, extra, batch, rng, step):
+    del frozen, step
+    params = params[STUDENT]
+    img = student.embed_image(params, batch["image"], rngs=dropout_rngs(config, rng, 0))[0]
+    txt = student.embed_text(params, batch["text_ids"], batch["text_mask"],
+                             rngs=dropout_rngs(config, rng, 1))[0]
+    tau = student.temperature(params)
     i2t, t2i = gathered_similarity_logits(mesh, img, txt, tau)       # [B, B] each, eq. 2
     parts = {}
     if k > 0:
       b, length = batch["text_ids"].shape
-      neg_txt = apply(DualEncoder.encode_text, batch["neg_text_ids"].reshape(b * k, length),
-                      batch["neg_text_mask"].reshape(b * k, length))
-      neg_img = apply(DualEncoder.encode_image,
-                      batch["neg_image"].reshape(b * k, *batch["neg_image"].shape[2:]))
+      neg_txt = student.embed_text(params, batch["neg_text_ids"].reshape(b * k, length),
+                                   batch["neg_text_mask"].reshape(b * k, length),
+                                   rngs=dropout_rngs(config, rng, 2))[0]
+      neg_img = student.embed_image(
+          params, batch["neg_image"].reshape(b * k, *batch["neg_image"].shape[2:]),
+          rngs=dropout_rngs(config, rng, 3))[0]
       owner = batch["image_id"]
       i2t = jnp.concatenate(
           [i2t, _mined_logits(img, neg_txt, batch["neg_text_owner"].reshape(-1), owner, tau)], 1)
@@ -89,16 +70,21 @@ def make_loss_fn(config: ml_collections.ConfigDict, model: DualEncoder, mesh: Me
       parts["mined_valid"] = jnp.mean((batch["neg_text_owner"] != MISSING).astype(jnp.float32))
     loss, itc_parts = contrastive_loss(i2t, t2i, jnp.arange(i2t.shape[0]))   # eq. 3
     parts.update(itc_parts, itc=loss, temperature=tau)
-    return loss, parts
+    return loss, parts, extra
 
   return loss_fn
 
 
-def build(config: ml_collections.ConfigDict, mesh: Mesh, steps_per_epoch: int) -> Recipe:
-  """The dual-encoder ITC recipe (no teacher, no cross encoder: match_scores None)."""
-  del steps_per_epoch
-  model = build_model(config.model)
-  embed_image, embed_text = dual_towers(model)
-  return Recipe(name="dual", model=model, init_params=param_initializer(model, config.model),
-                loss_fn=make_loss_fn(config, model, mesh),
-                embed_image=embed_image, embed_text=embed_text, match_scores=None)
+def teacher_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The dual recipe reads no teacher."""
+  return ()
+
+
+def build(config: ml_collections.ConfigDict, mesh: Mesh, bench, steps_per_epoch: int) -> Recipe:
+  """The dual-encoder ITC recipe: one module "student" (model.kind = dual), no teacher. Its
+  towers may be pretrained architectures started by config.init_from and partly frozen by
+  config.trainable (e.g. configs/lit_teacher.py)."""
+  del bench, steps_per_epoch
+  student = student_module(config)
+  return Recipe(name="dual", modules={STUDENT: student},
+                loss_fn=make_loss_fn(config, student.model, mesh))

@@ -9,8 +9,9 @@ positive-class scores into the dual encoder's scores over the m+1 candidates (eq
 MLM on the cross encoder; L = L_itc + L_itm + L_mlm + w * L_distill (eq. 8), w warmed up
 linearly from 0 to 1 over the first epoch (§4.1).
 
-Teachers (Table 5): online (the same forward, under stop-grad), momentum (EMA of the whole
-network, 0.995) or offline (frozen params of an earlier run).
+Teachers (Table 5): online (the same forward, under stop-grad), momentum (the state's EMA of
+the student, 0.995) or offline (a finished LoopITR run, config.teachers.offline, read with its
+own network through store/run.py: it may be larger than the student).
 """
 
 from __future__ import annotations
@@ -20,14 +21,17 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
+from jaxdistill.config import ConfigError
 from jaxdistill.data.masking import mask_tokens
+from jaxdistill.data.tokenizer import SpecialIds
 from jaxdistill.losses.contrastive import contrastive_loss
 from jaxdistill.losses.distillation import listwise_distillation
 from jaxdistill.losses.matching import itm_loss, mlm_loss
-from jaxdistill.methods.base import Recipe
-from jaxdistill.models.loopitr import LoopITRModel, build_model, init_params
+from jaxdistill.methods.base import STUDENT, Recipe, dropout_rngs, student_module
+from jaxdistill.models.build import Towers, towers as towers_of
+from jaxdistill.models.loopitr import LoopITRModel
 from jaxdistill.parallel.gather import gathered_similarity_logits
-from jaxdistill.train.checkpoint import load_params
+from jaxdistill.store.run import load_run
 
 
 def choose_negatives(logits: jax.Array, same_item: jax.Array, num: int, mode: str,
@@ -56,12 +60,13 @@ def distill_weight(step: jax.Array, weight: float, warmup_steps: int) -> jax.Arr
 
 
 def make_loss_fn(config: ml_collections.ConfigDict, model: LoopITRModel, mesh: Mesh,
-                 steps_per_epoch: int):
-  """Returns loss_fn(params, teacher_params, batch, step) -> (loss, metrics).
+                 steps_per_epoch: int, special: SpecialIds, offline: Towers | None = None):
+  """Returns loss_fn(params, frozen, extra, batch, rng, step) -> (loss, metrics, extra).
 
   batch: image float32 [B,H,W,C], text_ids / text_mask int32 [B,L], image_id int32 [B] —
-  global arrays sharded on the mesh's batch axes. teacher_params: None for the online
-  teacher, else the momentum / offline teacher's params."""
+  global arrays sharded on the mesh's batch axes. The teacher: online (this forward), the
+  momentum EMA frozen["ema"]["student"], or the offline run frozen["offline"] applied with
+  `offline` (its towers). special: the tokenizer's special ids (MLM masking)."""
   lp = config.loopitr
   m = lp.num_negatives
   distill_text = lp.distill_negatives in ("text", "both")
@@ -70,24 +75,25 @@ def make_loss_fn(config: ml_collections.ConfigDict, model: LoopITRModel, mesh: M
   num_image_neg = m if distill_image else 1
   separate_itm = lp.itm_negatives != lp.negative_sampling
   warmup = steps_per_epoch if lp.distill_warmup_steps < 0 else lp.distill_warmup_steps
-  base_key = jax.random.PRNGKey(config.seed)
+  student = towers_of(model)
+  teacher_towers = {"online": None, "momentum": student, "offline": offline}[lp.teacher]
 
-  def towers(params, batch, method):
-    return model.apply({"params": params}, *batch, method=method)
-
-  def cross_scores(params, img_tok, txt_tok, txt_mask, img_idx, txt_idx):
+  def cross_scores(t: Towers, params, img_tok, txt_tok, txt_mask, img_idx, txt_idx, rngs=None):
     """ITM logits [P, 2] for the pairs (img_idx[p], txt_idx[p])."""
     return model.apply({"params": params}, txt_tok[txt_idx], txt_mask[txt_idx], img_tok[img_idx],
-                       method=LoopITRModel.match_logits)
+                       deterministic=rngs is None, rngs=rngs, method=LoopITRModel.match_logits) \
+        if t is student else jnp.stack([t.match_scores(params, img_tok[img_idx], txt_tok[txt_idx],
+                                                       txt_mask[txt_idx])], axis=1)
 
-  def loss_fn(params, teacher_params, batch, step):
-    key = jax.random.fold_in(base_key, step)
-    k_text_neg, k_image_neg, k_itm, k_mlm = jax.random.split(key, 4)
+  def loss_fn(params, frozen, extra, batch, rng, step):
+    params = params[STUDENT]
+    k_text_neg, k_image_neg, k_itm, k_mlm = jax.random.split(rng, 4)
+    drop = lambda i: dropout_rngs(config, rng, i)
     images, ids, mask = batch["image"], batch["text_ids"], batch["text_mask"]
     b = ids.shape[0]
-    img_emb, img_tok = towers(params, (images,), LoopITRModel.encode_image)
-    txt_emb, txt_tok = towers(params, (ids, mask), LoopITRModel.encode_text)
-    temperature = model.apply({"params": params}, method=LoopITRModel.temperature)
+    img_emb, img_tok = student.embed_image(params, images, rngs=drop(0))
+    txt_emb, txt_tok = student.embed_text(params, ids, mask, rngs=drop(1))
+    temperature = student.temperature(params)
 
     # ITC against the gathered negatives of all devices (eq. 2-3).
     i2t, t2i = gathered_similarity_logits(mesh, img_emb, txt_emb, temperature)
@@ -106,7 +112,7 @@ def make_loss_fn(config: ml_collections.ConfigDict, model: LoopITRModel, mesh: M
       img_idx += [rows, itm_image]
       txt_idx += [itm_text, rows]
     img_idx, txt_idx = jnp.concatenate(img_idx), jnp.concatenate(txt_idx)
-    logits = cross_scores(params, img_tok, txt_tok, mask, img_idx, txt_idx)
+    logits = cross_scores(student, params, img_tok, txt_tok, mask, img_idx, txt_idx, drop(2))
     pos_logits = logits[:b]
     text_neg_logits = logits[b:b + b * num_text_neg].reshape(b, num_text_neg, 2)
     image_neg_logits = logits[b + b * num_text_neg:b + b * (num_text_neg + num_image_neg)]
@@ -124,22 +130,24 @@ def make_loss_fn(config: ml_collections.ConfigDict, model: LoopITRModel, mesh: M
 
     # MLM on the cross encoder, text masked BERT-style.
     masked_ids, labels, weights = mask_tokens(ids, mask, k_mlm, probability=lp.mlm_probability,
-                                              vocab_size=config.model.vocab_size)
-    _, masked_tok = towers(params, (masked_ids, mask), LoopITRModel.encode_text)
+                                              vocab_size=config.model.vocab_size, special=special)
+    _, masked_tok = student.embed_text(params, masked_ids, mask, rngs=drop(3))
     mlm_logits = model.apply({"params": params}, masked_tok, mask, img_tok,
+                             deterministic=drop(4) is None, rngs=drop(4),
                              method=LoopITRModel.mlm_logits)
     l_mlm, mlm_parts = mlm_loss(mlm_logits, labels, weights)
     parts.update(mlm_parts)
 
     # Distillation (eq. 5-7): student s_{x,y} = similarity, teacher h^pos = positive-class logit.
-    if teacher_params is None:     # online teacher: reuse this forward's cross scores
+    if teacher_towers is None:     # online teacher: reuse this forward's cross scores
       t_pos, t_text, t_image = pos_logits[:, 0], text_neg_logits[..., 0], image_neg_logits[..., 0]
     else:                          # momentum / offline teacher: its own towers and cross encoder
-      _, t_img_tok = towers(teacher_params, (images,), LoopITRModel.encode_image)
-      _, t_txt_tok = towers(teacher_params, (ids, mask), LoopITRModel.encode_text)
+      t_params = frozen["ema"][STUDENT] if lp.teacher == "momentum" else frozen["offline"]
+      _, t_img_tok = teacher_towers.embed_image(t_params, images)
+      _, t_txt_tok = teacher_towers.embed_text(t_params, ids, mask)
       n_main = b * (1 + num_text_neg + num_image_neg)
-      t_logits = cross_scores(teacher_params, t_img_tok, t_txt_tok, mask, img_idx[:n_main],
-                              txt_idx[:n_main])[:, 0]
+      t_logits = cross_scores(teacher_towers, t_params, t_img_tok, t_txt_tok, mask,
+                              img_idx[:n_main], txt_idx[:n_main])[:, 0]
       t_logits = jax.lax.stop_gradient(t_logits)
       t_pos = t_logits[:b]
       t_text = t_logits[b:b + b * num_text_neg].reshape(b, num_text_neg)
@@ -151,10 +159,9 @@ def make_loss_fn(config: ml_collections.ConfigDict, model: LoopITRModel, mesh: M
     for name, enabled, logits_rows, negatives, teacher_neg in directions:
       if enabled:
         sim = logits_rows * temperature
-        student = _candidates(jnp.diagonal(sim), sim, negatives)
-        teacher = jnp.concatenate([t_pos[:, None], teacher_neg], axis=1)
-        parts[name], _ = listwise_distillation(student, teacher, temperature,
-                                               stop_gradient=lp.stop_gradient)
+        s = _candidates(jnp.diagonal(sim), sim, negatives)
+        t = jnp.concatenate([t_pos[:, None], teacher_neg], axis=1)
+        parts[name], _ = listwise_distillation(s, t, temperature, stop_gradient=lp.stop_gradient)
         l_distill += parts[name]
 
     # eq. 8, with the distillation warm-up of §4.1 and the optional ITC-only warm-up.
@@ -164,50 +171,58 @@ def make_loss_fn(config: ml_collections.ConfigDict, model: LoopITRModel, mesh: M
             + w_distill * l_distill)
     parts.update(itc=l_itc, itm=l_itm, mlm=l_mlm, distill=l_distill, distill_weight=w_distill,
                  temperature=temperature)
-    return loss, parts
+    return loss, parts, extra
 
   return loss_fn
 
 
-def build(config: ml_collections.ConfigDict, mesh: Mesh, steps_per_epoch: int) -> Recipe:
-  """The LoopITR recipe; with teacher=offline, loads the teacher from loopitr.offline_workdir;
-  with init_towers_from, starts its dual encoder from a trained dual-encoder run."""
-  model = build_model(config.model)
-  lp = config.loopitr
-  mc = config.model
-  random_init = lambda key: init_params(model, key, (mc.image_size, mc.image_size, mc.channels),
-                                        mc.max_len)
-  expected = jax.eval_shape(random_init, jax.random.PRNGKey(0))
-  towers = load_params(lp.init_towers_from, expected["dual"]) if lp.init_towers_from else None
+def teacher_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The config.teachers sections this configuration reads."""
+  return ("offline",) if config.loopitr.teacher == "offline" else ()
 
-  def init(key):
-    """Random params; with loopitr.init_towers_from, the dual part (towers, projections,
-    temperature) is the given dual-encoder run's and only the cross encoder and heads are new."""
-    params = random_init(key)
-    return params if towers is None else {**params, "dual": jax.tree.map(jnp.asarray, towers)}
 
-  teacher_params = None
-  if lp.teacher == "offline":
-    teacher_params = load_params(lp.offline_workdir, expected)
-
-  def embed_image(params, images):
-    return model.apply({"params": params}, images, method=LoopITRModel.encode_image)
-
-  def embed_text(params, ids, mask):
-    return model.apply({"params": params}, ids, mask, method=LoopITRModel.encode_text)
-
-  def match_scores(params, image_tokens, text_tokens, text_mask):
-    return model.apply({"params": params}, text_tokens, text_mask, image_tokens,
-                       method=LoopITRModel.match_logits)[:, 0]
-
+def build(config: ml_collections.ConfigDict, mesh: Mesh, bench, steps_per_epoch: int) -> Recipe:
+  """The LoopITR recipe: one module "student" (model.kind = loopitr); with teacher=offline, the
+  run named by config.teachers.offline (kind workdir) is read as frozen["offline"]."""
+  student = student_module(config)
+  frozen, offline = {}, None
+  if config.loopitr.teacher == "offline":
+    spec = config.teachers.offline
+    if spec.kind != "workdir":
+      raise ConfigError(f"--config.teachers.offline.kind={spec.kind!r}: the offline LoopITR "
+                        "teacher is a finished LoopITR run; set kind=workdir and its path")
+    run = load_run(spec.path, spec.dtype, what="--config.teachers.offline.path")
+    if run.towers.match_scores is None:
+      raise ConfigError(f"--config.teachers.offline.path={spec.path!r} holds a "
+                        f"{run.config.model.get('kind', 'dual')} run without a cross encoder: "
+                        "point it at a LoopITR run")
+    frozen["offline"], offline = run.params, run.towers
   return Recipe(
       name="loopitr",
-      model=model,
-      init_params=init,
-      loss_fn=make_loss_fn(config, model, mesh, steps_per_epoch),
-      embed_image=embed_image,
-      embed_text=embed_text,
-      match_scores=match_scores,
-      teacher_params=teacher_params,
-      ema_momentum=lp.momentum if lp.teacher == "momentum" else 0.0,
+      modules={STUDENT: student},
+      loss_fn=make_loss_fn(config, student.model, mesh, steps_per_epoch, bench.special_ids, offline),
+      frozen=frozen,
+      ema={STUDENT: config.loopitr.momentum} if config.loopitr.teacher == "momentum" else {},
   )
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the loopitr key and the fix."""
+  lp, b = config.loopitr, config.batch_size
+  m = lp.num_negatives
+  if not 1 <= m < b:
+    raise ConfigError(
+        f"--config.loopitr.num_negatives={m} needs 1 <= m < batch_size={b}: the m hard negatives "
+        f"are mined in-batch, so use at most --config.loopitr.num_negatives={b - 1} or a larger "
+        "--config.batch_size")
+  for key, options in (("negative_sampling", ("hard", "random")), ("itm_negatives", ("hard", "random")),
+                       ("distill_negatives", ("image", "text", "both", "none")),
+                       ("teacher", ("online", "momentum", "offline"))):
+    if lp[key] not in options:
+      raise ConfigError(f"--config.loopitr.{key}={lp[key]!r} is not valid: use one of "
+                        f"{', '.join(options)}")
+  if config.model.kind != "loopitr":
+    raise ConfigError(f"--config.model.kind={config.model.kind!r}: the LoopITR recipe trains a "
+                      "LoopITR network; set --config.model.kind=loopitr")
+  if not 0.0 < lp.mlm_probability < 1.0:
+    raise ConfigError(f"--config.loopitr.mlm_probability={lp.mlm_probability} must be in (0, 1)")

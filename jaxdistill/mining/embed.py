@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxdistill.evaluate.report import write_json_atomic
+from jaxdistill.atomic import write_json_atomic
 from jaxdistill.parallel.mesh import batch_sharding
 
 

@@ -127,3 +127,10 @@ def drop_positives(ids: np.ndarray, scores: np.ndarray, query_owner: np.ndarray,
     out_ids = np.pad(out_ids, ((0, 0), (0, extra)), constant_values=PAD_ID)
     out_scores = np.pad(out_scores, ((0, 0), (0, extra)), constant_values=-np.inf)
   return out_scores, out_ids
+
+
+def neighbor_recall(approx: np.ndarray, exact: np.ndarray) -> float:
+  """Mean over queries of |approx row ∩ exact row| / |exact row| (ids -1 ignored)."""
+  hits = [len(set(a[a >= 0]) & set(e[e >= 0])) / max((e >= 0).sum(), 1)
+          for a, e in zip(approx, exact)]
+  return float(np.mean(hits))

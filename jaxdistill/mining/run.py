@@ -20,34 +20,21 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxdistill import methods
 from jaxdistill.data.benchmark import prepare_benchmark
 from jaxdistill.data.compositional import normalize_images
-from jaxdistill.evaluate.ann import neighbor_recall
-from jaxdistill.evaluate.report import write_json_atomic
-from jaxdistill.mining.bank import I2T_FILE, T2I_FILE, caption_ids, write_bank
+from jaxdistill.atomic import write_json_atomic
+from jaxdistill.data.negatives import I2T_FILE, T2I_FILE, caption_ids, write_bank
 from jaxdistill.mining.embed import embed_corpus
-from jaxdistill.mining.exact import exact_top_k
+from jaxdistill.mining.exact import exact_top_k, neighbor_recall
 from jaxdistill.mining.scann_index import (META_FILE, Index, build_index, derive_params,
                                            load_index, save_index)
+from jaxdistill.errors import JaxDistillError
 from jaxdistill.parallel.mesh import make_mesh
-from jaxdistill.train.checkpoint import Checkpointer, load_params
+from jaxdistill.store.run import load_run
 
 
-def _tower(workdir: str, mesh):
-  """(config, recipe, params, checkpoint step) of the trained run in `workdir`."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"--config.mining.tower_workdir={workdir!r} holds no config.json: "
-                            "point it at the --workdir of a trained run")
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  recipe = methods.build(config, mesh, 1)
-  checkpointer = Checkpointer(workdir)
-  step = checkpointer.latest_step()
-  checkpointer.close()
-  params = load_params(workdir, jax.eval_shape(recipe.init_params, jax.random.PRNGKey(0)))
-  return config, recipe, params, step
+class MiningError(JaxDistillError, ValueError):
+  """A --mode=mine setting that cannot work; the message names it and the fix."""
 
 
 def _index(corpus: np.ndarray, directory: str, fingerprint: str, k: int, mi) -> tuple[Index, float]:
@@ -71,13 +58,14 @@ def _index(corpus: np.ndarray, directory: str, fingerprint: str, k: int, mi) -> 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mi = config.mining
   if not mi.tower_workdir:
-    raise ValueError("--mode=mine needs --config.mining.tower_workdir: the --workdir of the "
+    raise MiningError("--mode=mine needs --config.mining.tower_workdir: the --workdir of the "
                      "trained run whose towers embed the corpus")
   out = os.path.join(workdir, "mining")
   bank_dir = mi.bank_dir or os.path.join(workdir, "bank")
   os.makedirs(out, exist_ok=True)
   mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
-  tower_config, recipe, params, step = _tower(mi.tower_workdir, mesh)
+  tower = load_run(mi.tower_workdir, what="--config.mining.tower_workdir")
+  tower_config, params, step = tower.config, tower.params, tower.step
   bench = prepare_benchmark(tower_config, mi.tower_workdir)   # the tower's own tokenizer
   split = bench.splits[mi.split]
   ids, mask = bench.tokens[mi.split]
@@ -86,8 +74,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   fingerprint = f"{os.path.abspath(mi.tower_workdir)}@{step}:{mi.split}:{n}x{per_image}"
 
   # --- embed (resumable) ---
-  embed_image = jax.jit(lambda b: recipe.embed_image(params, b["image"])[0])
-  embed_text = jax.jit(lambda b: recipe.embed_text(params, b["ids"], b["mask"])[0])
+  embed_image = jax.jit(lambda b: tower.towers.embed_image(params, b["image"])[0])
+  embed_text = jax.jit(lambda b: tower.towers.embed_text(params, b["ids"], b["mask"])[0])
   common = dict(dim=dim, batch_size=mi.embed_batch_size, mesh=mesh, fingerprint=fingerprint)
   t0 = time.time()
   img = embed_corpus(embed_image, {"image": normalize_images(split.images)},

@@ -3,7 +3,8 @@ pooled and projected to a shared embed_dim and L2-normalised, plus the learnable
 
 Image pooling: "cls" (the [CLS] token) or "concat" (the P patch tokens, [CLS] excluded,
 concatenated into [B, P*D] before the projection: one slot per patch, so per-cell content and
-position survive pooling on the compositional benchmark). Text pooling: [CLS] (position 0).
+position survive pooling on the compositional benchmark). Text pooling: "cls" (the token at
+position 0) or "mean" (the mean over real tokens, mask == 1: sentence-transformers, e.g. MiniLM).
 
 Temperature: tau = exp(log_temperature), log_temperature initialised to log(temperature_init)
 (0.07, paper 003 eq. 2 / ALBEF), clipped to [0.001, 0.5] as ALBEF clamps it.
@@ -19,7 +20,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdistill.models.bert import mean_pool
+
 IMAGE_POOLS = ("cls", "concat")
+TEXT_POOLS = ("cls", "mean")
 TEMPERATURE_MIN, TEMPERATURE_MAX = 0.001, 0.5
 
 
@@ -39,6 +43,7 @@ class DualEncoder(nn.Module):
   text_encoder: nn.Module
   embed_dim: int
   image_pool: str = "concat"
+  text_pool: str = "cls"
   temperature_init: float = 0.07
   dtype: Any = jnp.float32
 
@@ -46,6 +51,9 @@ class DualEncoder(nn.Module):
     if self.image_pool not in IMAGE_POOLS:
       raise ValueError(f"image_pool={self.image_pool!r} is unknown: use one of "
                        f"{', '.join(IMAGE_POOLS)}")
+    if self.text_pool not in TEXT_POOLS:
+      raise ValueError(f"text_pool={self.text_pool!r} is unknown: use one of "
+                       f"{', '.join(TEXT_POOLS)}")
     if not TEMPERATURE_MIN <= self.temperature_init <= TEMPERATURE_MAX:
       raise ValueError(f"temperature_init={self.temperature_init} is outside the clip range "
                        f"[{TEMPERATURE_MIN}, {TEMPERATURE_MAX}]: choose a value inside it (0.07)")
@@ -72,7 +80,8 @@ class DualEncoder(nn.Module):
     """ids [B, L], mask [B, L] -> (emb float32 [B, E] unit-norm, tokens [B, L, Dt])."""
     tokens = self.text_encoder(ids, mask, deterministic=deterministic)
     chex.assert_rank(tokens, 3)
-    emb = l2_normalize(self.text_projection(tokens[:, 0]).astype(jnp.float32))
+    pooled = tokens[:, 0] if self.text_pool == "cls" else mean_pool(tokens, mask)
+    emb = l2_normalize(self.text_projection(pooled).astype(jnp.float32))
     chex.assert_shape(emb, (ids.shape[0], self.embed_dim))
     return emb, tokens
 

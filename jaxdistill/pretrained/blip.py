@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdistill.models.bert import Bert
 from jaxdistill.models.dual import l2_normalize
 from jaxdistill.pretrained import bert
 from jaxdistill.pretrained.checkpoint import (CheckpointError, StateDict, map_state_dict,
@@ -61,7 +62,7 @@ class BlipRetrieval(nn.Module):
   aligned pairs; the methods below give each part (module.apply(..., method=...)).
   """
   vision_model: ImageEncoder
-  text_encoder: bert.Bert
+  text_encoder: Bert
   embed_dim: int
   text_layers: int | None = None
   dtype: Any = jnp.float32

@@ -140,19 +140,55 @@ def read_config(path: str) -> dict[str, Any]:
     return json.load(f)
 
 
-def truncate_layers(state_dict: StateDict, layer_pattern: str, keep: int) -> StateDict:
-  """Drop layers >= keep. layer_pattern is a regex whose first group is the layer index, e.g.
-  r"encoder\\.layer\\.(\\d+)\\." (papers 000, 004 initialise students from the first N layers)."""
+def layer_indices(selection: str | None, num_layers: int) -> list[int]:
+  """Layer selection of a num_layers-layer checkpoint -> the kept layer indices, in order.
+
+  selection: None (all) | "first:N" | "last:N" | "i,j,k" (distinct indices). Papers 000, 004
+  initialise students from the first N layers of a teacher.
+  """
+  if selection is None:
+    return list(range(num_layers))
+  fix = (f"use first:N or last:N with 1 <= N <= {num_layers}, or distinct indices in "
+         f"0..{num_layers - 1} such as '0,2,4'")
+  head, colon, count = selection.strip().partition(":")
+  if colon:
+    count = count.strip()
+    if head not in ("first", "last") or not count.isdigit():
+      raise CheckpointError(f"layer selection {selection!r} is malformed: {fix}")
+    n = int(count)
+    if not 1 <= n <= num_layers:
+      raise CheckpointError(f"layer selection {selection!r} is out of range: the checkpoint has "
+                            f"{num_layers} layers; {fix}")
+    return list(range(n)) if head == "first" else list(range(num_layers - n, num_layers))
+  parts = [p.strip() for p in selection.split(",")]
+  if not all(p.isdigit() for p in parts):
+    raise CheckpointError(f"layer selection {selection!r} is malformed: {fix}")
+  indices = [int(p) for p in parts]
+  if max(indices) >= num_layers or len(set(indices)) < len(indices):
+    raise CheckpointError(f"layer selection {selection!r} is out of range or repeats a layer: "
+                          f"the checkpoint has {num_layers} layers; {fix}")
+  return indices
+
+
+def select_layers(state_dict: StateDict, layer_pattern: str, selection: str
+                  ) -> tuple[StateDict, list[int]]:
+  """Keeps the layers `selection` picks (layer_indices), renumbered 0..n-1, and every key
+  outside the layers -> (state dict, kept original indices). layer_pattern is a regex whose
+  first group is the layer index, e.g. r"encoder\\.layer\\.(\\d+)\\."."""
   pattern = re.compile(layer_pattern)
-  indices = {int(m.group(1)) for k in state_dict if (m := pattern.search(k))}
-  if not indices:
+  present = {int(m.group(1)) for k in state_dict if (m := pattern.search(k))}
+  if not present:
     raise CheckpointError(f"no key matches the layer pattern {layer_pattern!r}: check the "
                           "checkpoint's layout")
-  if not 1 <= keep <= len(indices):
-    raise CheckpointError(f"cannot keep {keep} layers: the checkpoint has {len(indices)} "
-                          f"(pattern {layer_pattern!r}); choose 1..{len(indices)}")
-  return {k: v for k, v in state_dict.items()
-          if not (m := pattern.search(k)) or int(m.group(1)) < keep}
+  kept = layer_indices(selection, len(present))
+  new_index = {old: new for new, old in enumerate(kept)}
+  out = {}
+  for key, value in state_dict.items():
+    if not (m := pattern.search(key)):
+      out[key] = value
+    elif int(m.group(1)) in new_index:
+      out[f"{key[:m.start(1)]}{new_index[int(m.group(1))]}{key[m.end(1):]}"] = value
+  return out, kept
 
 
 def _to_flax(leaf: str, value: np.ndarray, module: set[str]) -> tuple[str, np.ndarray]:

@@ -25,7 +25,7 @@ import numpy as np
 
 from jaxdistill.models.dual import l2_normalize
 from jaxdistill.pretrained.checkpoint import (CheckpointError, map_state_dict, read_state_dict,
-                                              truncate_layers)
+                                              select_layers)
 from jaxdistill.pretrained.vit import ImageEncoder, PreNormEncoder
 
 LEGACY_EOS_TOKEN_ID = 2  # configs before transformers PR #24773: pool at argmax(ids)
@@ -186,20 +186,21 @@ def _to_module_shapes(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray
   return out
 
 
-def load(path: str, config: dict[str, Any] | None, num_layers: int | None = None,
+def load(path: str, config: dict[str, Any] | None, layers: str | None = None,
          dtype: Any = jnp.float32) -> tuple[CLIP, dict[str, Any]]:
-  """CLIPModel checkpoint (HF dir or file + config) -> (CLIP, params). num_layers keeps the
-  first N layers of both towers (papers 000, 004 initialise students that way); dtype is the
-  compute dtype (params stay float32)."""
+  """CLIPModel checkpoint (HF dir or file + config) -> (CLIP, params). layers: None (all) |
+  "first:N" | "last:N" | "i,j,k" of both towers, renumbered 0..n-1 (checkpoint.layer_indices;
+  papers 000, 004 initialise students that way); dtype is the compute dtype (params stay
+  float32)."""
   if config is None:
     raise CheckpointError(f"{path} has no config.json: CLIP needs the Hugging Face config; "
                           "save the model with save_pretrained()")
   state_dict = read_state_dict(path)
-  if num_layers is not None:
+  if layers is not None:
     for tower, pattern in _LAYERS.items():
-      state_dict = truncate_layers(state_dict, pattern, num_layers)
+      state_dict, kept = select_layers(state_dict, pattern, layers)
       sub = f"{tower}_config"
-      config = {**config, sub: {**(config.get(sub) or {}), "num_hidden_layers": num_layers}}
+      config = {**config, sub: {**(config.get(sub) or {}), "num_hidden_layers": len(kept)}}
   model = clip_from_config(config, dtype)
   size = model.vision.image_size
   channels = (config.get("vision_config") or {}).get("num_channels", 3)

@@ -43,7 +43,7 @@ def _config_or_none(path: str) -> dict[str, Any] | None:
 def load_pretrained(path: str, architecture: str | None = None, **kwargs: Any
                     ) -> tuple[Any, Any, dict[str, Any] | None]:
   """path (HF directory or one file) -> (module, params, config). kwargs go to the family's
-  loader (e.g. num_layers=N keeps the first N layers)."""
+  loader (e.g. layers="first:N" keeps the first N transformer layers)."""
   path = os.fspath(path)
   if not os.path.exists(path):
     raise CheckpointError(f"checkpoint path does not exist: {path}; pass a Hugging Face model "

@@ -30,9 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdistill.models.bert import activation
 from jaxdistill.pretrained.checkpoint import (CheckpointError, map_state_dict, read_state_dict,
-                                              truncate_layers)
-from jaxdistill.pretrained.layers import activation
+                                              select_layers)
 
 RELATIVE_POSITIONS = ("none", "per_layer", "shared")
 POOLS = ("cls", "mean")
@@ -303,18 +303,19 @@ def image_encoder_from_config(config: dict[str, Any], state_dict: dict[str, np.n
       pool="mean" if mean_pooling else "cls", pool_norm=mean_pooling and has_pooler)
 
 
-def load(path: str, config: dict[str, Any] | None, num_layers: int | None = None,
+def load(path: str, config: dict[str, Any] | None, layers: str | None = None,
          dtype: Any = jnp.float32) -> tuple[ImageEncoder, dict[str, Any]]:
   """ViT / BEiT / data2vec-vision checkpoint (HF dir or file + config) -> (ImageEncoder,
-  params). num_layers keeps only the first N transformer layers (papers 000, 004); dtype is
-  the compute dtype (params stay float32)."""
+  params). layers: None (all) | "first:N" | "last:N" | "i,j,k" transformer layers, renumbered
+  0..n-1 (checkpoint.layer_indices; papers 000, 004); dtype is the compute dtype (params stay
+  float32)."""
   if config is None:
     raise CheckpointError(f"{path} has no config.json: ViT / BEiT / data2vec-vision need the "
                           "Hugging Face config; save the model with save_pretrained()")
   state_dict = read_state_dict(path)
-  if num_layers is not None:
-    state_dict = truncate_layers(state_dict, LAYER_PATTERN, num_layers)
-    config = {**config, "num_hidden_layers": num_layers}
+  if layers is not None:
+    state_dict, kept = select_layers(state_dict, LAYER_PATTERN, layers)
+    config = {**config, "num_hidden_layers": len(kept)}
   module = image_encoder_from_config(config, state_dict, dtype)
   size = module.image_size
   expected = jax.eval_shape(module.init, jax.random.PRNGKey(0),

@@ -1,4 +1,4 @@
-"""Frozen teachers (issue 3): `Teacher` (params + pure apply functions), `MultiTeacher` (named
+"""Frozen teachers: `Teacher` (params + pure apply functions), `MultiTeacher` (named
 teachers used at once, MCAD), `load_teacher(spec)`, and the offline feature cache (cache.py)."""
 
 from __future__ import annotations
@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 from typing import Any, Mapping
 
+from jaxdistill.errors import JaxDistillError
 from jaxdistill.teachers.base import Teacher
 from jaxdistill.teachers.multi import MultiTeacher
 
@@ -15,8 +16,11 @@ __all__ = ["Teacher", "MultiTeacher", "load_teacher", "KINDS"]
 KINDS = {
     "workdir": "jaxdistill.teachers.workdir:from_workdir",
     "pretrained": "jaxdistill.teachers.pretrained:from_checkpoint",
-    "lit": "jaxdistill.teachers.lit:from_workdir",
 }
+
+
+class TeacherError(JaxDistillError, ValueError):
+  """A teacher spec that names no loadable teacher."""
 
 
 def load_teacher(spec: Any) -> Teacher | MultiTeacher:
@@ -25,15 +29,15 @@ def load_teacher(spec: Any) -> Teacher | MultiTeacher:
   if isinstance(spec, str):
     kind, sep, path = spec.partition(":")
     if not sep:
-      raise ValueError(f"teacher spec {spec!r} must read KIND:PATH with KIND one of {', '.join(KINDS)}")
+      raise TeacherError(f"teacher spec {spec!r} must read KIND:PATH with KIND one of {', '.join(KINDS)}")
     spec = {"kind": kind, "path": path, "dtype": "float32"}
   if isinstance(spec, Mapping) and "kind" not in spec:
     return MultiTeacher({name: load_teacher(s) for name, s in spec.items()})
   kind, path, dtype = spec["kind"], spec["path"], spec.get("dtype", "float32")
   if kind not in KINDS:
-    raise ValueError(f"teacher kind {kind!r} is unknown: use one of {', '.join(KINDS)} "
-                     "(--config.teacher.kind)")
+    raise TeacherError(f"teacher kind {kind!r} is unknown: use one of {', '.join(KINDS)} "
+                     "(--config.teachers.<name>.kind)")
   if not path:
-    raise ValueError(f"teacher kind {kind!r} needs a path: set --config.teacher.path")
+    raise TeacherError(f"teacher kind {kind!r} needs a path: set --config.teachers.<name>.path")
   module_name, function_name = KINDS[kind].split(":")
   return getattr(importlib.import_module(module_name), function_name)(path, dtype=dtype)

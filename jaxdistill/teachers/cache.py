@@ -20,6 +20,7 @@ Rows whose teacher output is not finite are zeroed, marked invalid (`valid` [N])
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -33,15 +34,21 @@ from jax.sharding import Mesh
 
 from jaxdistill.data.benchmark import prepare_benchmark
 from jaxdistill.data.pipeline import eval_arrays
-from jaxdistill.evaluate.report import write_json_atomic
+from jaxdistill.atomic import write_json_atomic
+from jaxdistill.config import sharding_rules
+from jaxdistill.errors import JaxDistillError
 from jaxdistill.parallel.mesh import batch_sharding, make_mesh
+from jaxdistill.parallel.sharding import tree_shardings
 from jaxdistill.teachers import MultiTeacher, load_teacher
 from jaxdistill.teachers.base import Teacher
-from jaxdistill.teachers.sharding import place
-from jaxdistill.train.metrics import Progress
+from jaxdistill.progress import Progress
 
 FORMAT_VERSION = 1
 PHASES = ("embed", "i2t", "t2i")
+
+
+class CacheError(JaxDistillError, ValueError):
+  """A teacher cache that is missing, of another format or split, or cannot be built."""
 
 
 class FeatureCache:
@@ -58,12 +65,12 @@ class FeatureCache:
                              f".{os.path.basename(os.path.normpath(directory))}.partial")
       hint = (" (an unfinished cache is in " + partial + ": rerun --mode=cache_teacher to finish it)"
               if os.path.isdir(partial) else "")
-      raise FileNotFoundError(f"no finished teacher cache at {directory}{hint}: build it with "
+      raise CacheError(f"no finished teacher cache at {directory}{hint}: build it with "
                               "python -m jaxdistill.main --mode=cache_teacher")
     with open(meta_path) as f:
       self.meta = json.load(f)
     if self.meta.get("format") != FORMAT_VERSION:
-      raise ValueError(f"{directory} has cache format {self.meta.get('format')}, this code reads "
+      raise CacheError(f"{directory} has cache format {self.meta.get('format')}, this code reads "
                        f"{FORMAT_VERSION}: delete it and rerun --mode=cache_teacher")
     self.directory = directory
     for name in self.meta["arrays"]:
@@ -80,7 +87,7 @@ class FeatureCache:
     except KeyError as e:
       raise KeyError(f"image id {e.args[0]} is not in the teacher cache {self.directory} (split "
                      f"{self.meta['split']!r}): cache the split the recipe trains on "
-                     "(--config.teacher.cache_splits)") from None
+                     "(--config.teacher_cache.splits)") from None
 
   def lookup(self, image_ids) -> dict[str, np.ndarray]:
     """{image_emb [B,E], text_emb [B,C,E], valid [B], and with a bank i2t_index/i2t_score [B,K]}."""
@@ -97,7 +104,7 @@ def _roles(teacher: Teacher | MultiTeacher) -> tuple[Teacher, Teacher | None]:
     cross = next((t for t in teacher.teachers.values() if t.is_cross), None)
     return teacher.dual, cross
   if not teacher.is_dual:
-    raise ValueError(f"teacher {teacher.name!r} has no dual towers: the cache needs embed_images "
+    raise CacheError(f"teacher {teacher.name!r} has no dual towers: the cache needs embed_images "
                      "and embed_texts (also to pick each example's top-N for the cross bank); use "
                      "a MultiTeacher with a dual teacher")
   return teacher, teacher if teacher.is_cross else None
@@ -113,7 +120,7 @@ def _open_arrays(directory: str, specs: dict[str, tuple[tuple[int, ...], str]], 
     else:
       arrays[name] = np.load(path, mmap_mode="r+")
       if arrays[name].shape != shape:
-        raise ValueError(f"{path} has shape {arrays[name].shape}, expected {shape}: delete "
+        raise CacheError(f"{path} has shape {arrays[name].shape}, expected {shape}: delete "
                          f"{directory} and rerun --mode=cache_teacher")
   return arrays
 
@@ -129,7 +136,7 @@ def _tokens(teacher: Teacher, captions: list[list[str]], student_tokens) -> tupl
   if teacher.tokenize is not None:
     return teacher.tokenize([t for caps in captions for t in caps])
   if student_tokens is None:
-    raise ValueError(f"teacher {teacher.name!r} has no tokenizer: pass the student's token ids")
+    raise CacheError(f"teacher {teacher.name!r} has no tokenizer: pass the student's token ids")
   ids, mask = student_tokens
   return ids.reshape(-1, ids.shape[-1]), mask.reshape(-1, mask.shape[-1])
 
@@ -155,7 +162,7 @@ def cache_split(dual: Teacher, cross: Teacher | None, *, images: np.ndarray,
     return out_dir
   n, c = len(captions), len(captions[0])
   if len(np.unique(image_ids)) != n or len(images) != n:
-    raise ValueError(f"cache_split needs {n} images with unique ids; got {len(images)} images and "
+    raise CacheError(f"cache_split needs {n} images with unique ids; got {len(images)} images and "
                      f"{len(np.unique(image_ids))} unique ids")
   top_n = min(top_n, n)
   flat_ids, flat_mask = _tokens(dual, captions, student_tokens)
@@ -172,11 +179,11 @@ def cache_split(dual: Teacher, cross: Teacher | None, *, images: np.ndarray,
   specs = {"image_ids": ((n,), "int64"), "image_emb": ((n, e), "float32"),
            "text_emb": ((n, c, e_text), "float32"), "valid": ((n,), "bool")}
   if not set(bank) <= {"i2t", "t2i"}:
-    raise ValueError(f"bank={bank!r}: use directions from ('i2t', 't2i')")
+    raise CacheError(f"bank={bank!r}: use directions from ('i2t', 't2i')")
   bank = tuple(bank) if cross is not None else ()
   if bank:
     if e != e_text:
-      raise ValueError(f"teacher {dual.name!r} embeds images to {e} and texts to {e_text} dims: the "
+      raise CacheError(f"teacher {dual.name!r} embeds images to {e} and texts to {e_text} dims: the "
                        "cross bank's top-N needs one joint space (a dual teacher with heads)")
     rows = {"i2t": n, "t2i": n * c}
     for d in bank:
@@ -193,7 +200,7 @@ def cache_split(dual: Teacher, cross: Teacher | None, *, images: np.ndarray,
     with open(progress_path) as f:
       state = json.load(f)
     if state["fingerprint"] != fingerprint:
-      raise ValueError(f"the unfinished cache {partial} was started with {state['fingerprint']}, "
+      raise CacheError(f"the unfinished cache {partial} was started with {state['fingerprint']}, "
                        f"not {fingerprint}: delete {partial} to start over")
   else:
     shutil.rmtree(partial, ignore_errors=True)   # arrays without progress.json: nothing usable
@@ -277,32 +284,35 @@ def cache_split(dual: Teacher, cross: Teacher | None, *, images: np.ndarray,
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
-  """--mode=cache_teacher: caches config.teacher's features for config.teacher.cache_splits.
-
-  Output: config.teacher.cache_dir, default `<workdir>/teacher_cache/<split>`."""
-  te = config.teacher
-  if not te.kind:
-    raise ValueError("--mode=cache_teacher needs a teacher: set --config.teacher.kind and "
-                     "--config.teacher.path (e.g. workdir and a trained run's workdir)")
+  """--mode=cache_teacher: caches config.teachers[config.teacher_cache.teacher]'s features for
+  config.teacher_cache.splits. Output: config.teacher_cache.dir, default
+  `<workdir>/teacher_cache/<split>`. Its params are placed by config.sharding (parallel/sharding.py)."""
+  tc = config.teacher_cache
+  if not tc.teacher or tc.teacher not in config.teachers:
+    raise CacheError(f"--mode=cache_teacher needs --config.teacher_cache.teacher naming one of "
+                     f"the config's teachers {list(config.teachers)}")
   os.makedirs(workdir, exist_ok=True)
   mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
-  teacher = load_teacher(te)
+  teacher = load_teacher(config.teachers[tc.teacher])
+  rules, min_size = sharding_rules(config), config.sharding.min_fsdp_size
+  place = lambda t, name: dataclasses.replace(t, params=jax.device_put(t.params, tree_shardings(
+      t.params, mesh, rules, min_size, prefix=f"frozen/{name}")))
   if isinstance(teacher, MultiTeacher):
-    teacher = MultiTeacher({k: place(t, mesh, te.shard) for k, t in teacher.teachers.items()})
+    teacher = MultiTeacher({k: place(t, tc.teacher) for k, t in teacher.teachers.items()})
   else:
-    teacher = place(teacher, mesh, te.shard)
+    teacher = place(teacher, tc.teacher)
   dual, cross = _roles(teacher)
   bench = prepare_benchmark(config, workdir)
-  cache_dir = te.cache_dir or os.path.join(workdir, "teacher_cache")
+  cache_dir = tc.dir or os.path.join(workdir, "teacher_cache")
   os.makedirs(cache_dir, exist_ok=True)
   written = {}
-  for split in [s.strip() for s in te.cache_splits.split(",") if s.strip()]:
+  for split in [s.strip() for s in tc.splits.split(",") if s.strip()]:
     if split not in bench.splits:
-      raise ValueError(f"--config.teacher.cache_splits names {split!r}: use "
+      raise CacheError(f"--config.teacher_cache.splits names {split!r}: use "
                        f"{', '.join(bench.splits)}")
     data = bench.splits[split]
     written[split] = cache_split(
         dual, cross, images=eval_arrays(data, *bench.tokens[split])["image"],
         captions=data.captions, image_ids=data.image_ids, out_dir=os.path.join(cache_dir, split),
-        batch_size=te.batch_size, top_n=te.top_n, student_tokens=bench.tokens[split], mesh=mesh)
+        batch_size=tc.batch_size, top_n=tc.top_n, student_tokens=bench.tokens[split], mesh=mesh)
   return written

@@ -1,5 +1,9 @@
-"""The training loop, top to bottom: mesh -> input -> recipe -> state (restore) -> step -> loop
-(log, checkpoint, preemption) -> evaluation. Knows no method: recipes come from `methods`.
+"""The trainer, top to bottom: mesh -> input -> recipe -> shardings -> state (resume >
+init_from > random) -> step -> loop (log, checkpoint, preemption) -> evaluation.
+
+Knows no method: `train_and_evaluate` gets a `build_recipe(config, mesh, bench, steps_per_epoch) -> Recipe`
+(methods/ hands its registry in). Everything else it reads from the config, as data:
+config.trainable (optimiser rules), config.sharding (partition rules), config.init_from.
 """
 
 from __future__ import annotations
@@ -8,23 +12,31 @@ import json
 import os
 import signal
 import time
+from typing import Any, Callable
 
 import jax
 import ml_collections
 
-from jaxdistill import methods
+from jaxdistill.atomic import write_json_atomic
+from jaxdistill.config import sharding_rules
 from jaxdistill.data import pipeline
 from jaxdistill.data.benchmark import prepare_benchmark
+from jaxdistill.data.negatives import training_negatives
 from jaxdistill.evaluate.plots import write_plots
-from jaxdistill.evaluate.report import write_json_atomic
 from jaxdistill.evaluate.run import evaluate_and_report
-from jaxdistill.mining.bank import training_negatives
-from jaxdistill.parallel.mesh import batch_sharding, make_mesh
-from jaxdistill.train.checkpoint import Checkpointer, abstract_like
-from jaxdistill.train.metrics import MetricsWriter, Progress
-from jaxdistill.train.optim import make_optimizer
-from jaxdistill.train.state import TrainState, create_train_state
-from jaxdistill.train.step import make_train_step, state_shardings
+from jaxdistill.models.build import towers
+from jaxdistill.parallel import sharding
+from jaxdistill.parallel.mesh import make_mesh, replicated
+from jaxdistill.store.checkpoint import Checkpointer, abstract_like
+from jaxdistill.store.run import STUDENT, load_run
+from jaxdistill.train.init import apply_init_from
+from jaxdistill.train.metrics import MetricsWriter
+from jaxdistill.progress import Progress
+from jaxdistill.train.optim import make_optimizer, trainable_mask
+from jaxdistill.train.state import create_train_state
+from jaxdistill.train.step import make_train_step
+
+LOGGED = ("loss", "itc", "itm", "mlm", "distill")   # shown on the progress line when present
 
 
 class _Preemption:
@@ -41,19 +53,48 @@ class _Preemption:
     signal.signal(signal.SIGTERM, self._previous)
 
 
-def _init_state(recipe, tx, mesh, key) -> tuple[TrainState, object]:
-  """Creates the state directly with its shardings (no host copy of the params)."""
-  make = lambda k: create_train_state(
-      recipe.init_params(k), tx, with_ema=recipe.ema_momentum > 0,
-      recipe_state=None if recipe.init_recipe_state is None else recipe.init_recipe_state())
-  shardings = state_shardings(mesh, jax.eval_shape(make, key))
-  return jax.jit(make, out_shardings=shardings)(key), shardings
+def build_state(recipe, config: ml_collections.ConfigDict, mesh, batch_spec: Any) -> dict:
+  """Optimiser, shardings and the initial-state function of `recipe` (nothing is computed yet).
+
+  Returns {"tx", "trainable", "shardings" (state, batch, frozen, metrics), "abstract",
+  "init" (() -> state, random init then config.init_from)}."""
+  key = jax.random.PRNGKey(config.seed)
+  names = list(recipe.modules)
+
+  def init_params(k):   # the first module takes the seed's key itself, the others fold_in(k, i)
+    return {m: recipe.modules[m].init(k if i == 0 else jax.random.fold_in(k, i))
+            for i, m in enumerate(names)}
+
+  abstract_params = jax.eval_shape(init_params, key)
+  tx = make_optimizer(config.optim, config.trainable, abstract_params, config.train.num_steps)
+  extra = recipe.init_extra if recipe.init_extra is not None else dict
+  make = lambda params: create_train_state(params, tx, key, tuple(recipe.ema), extra())
+  abstract = jax.eval_shape(make, abstract_params)
+  rules, min_size = sharding_rules(config), config.sharding.min_fsdp_size
+  shardings = {
+      "state": sharding.tree_shardings(abstract, mesh, rules, min_size),
+      "batch": sharding.tree_shardings(batch_spec, mesh, rules, min_size, prefix="batch"),
+      "frozen": sharding.tree_shardings(recipe.frozen, mesh, rules, min_size, prefix="frozen"),
+      "metrics": replicated(mesh),
+  }
+
+  def init():
+    params = jax.jit(init_params, out_shardings=shardings["state"].params)(key)
+    if config.init_from:
+      params, log = apply_init_from(jax.device_get(params), config.init_from)
+      for line in log:
+        print(line, flush=True)
+    return jax.jit(make, out_shardings=shardings["state"])(params)
+
+  return {"tx": tx, "trainable": trainable_mask(abstract_params, config.trainable),
+          "shardings": shardings, "abstract": abstract, "init": init}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
-  """Trains `config.method` in `workdir` (resuming from its latest checkpoint) and evaluates.
-
-  Returns the evaluation results, or None when stopped early by SIGTERM (after saving)."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       build_recipe: Callable) -> dict | None:
+  """Trains the recipe `build_recipe(config, mesh, bench, steps_per_epoch)` in `workdir` (resuming from its latest
+  checkpoint) and evaluates its student. Returns the evaluation results, or None when stopped
+  early by SIGTERM (after saving)."""
   os.makedirs(workdir, exist_ok=True)
   # --- mesh ---
   mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
@@ -69,21 +110,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
       process_index=jax.process_index(), process_count=jax.process_count(),
       negatives=training_negatives(config, train_split.image_ids, bench.tokens["train"][0].shape[1]))
   data_iter = iter(dataset)
-  data_sharding = batch_sharding(mesh)
-  # --- recipe, optimiser, state ---
-  recipe = methods.build(config, mesh, steps_per_epoch)
-  tx = make_optimizer(config.optim, config.train.num_steps)
-  state, shardings = _init_state(recipe, tx, mesh, jax.random.PRNGKey(config.seed))
+  # --- recipe ---
+  recipe = build_recipe(config, mesh, bench, steps_per_epoch)
+  # --- shardings, state (resume > init_from > random) ---
+  first = data_iter.get_state()
+  batch_spec = pipeline.global_batch_spec(next(data_iter))
+  data_iter.set_state(first)
+  built = build_state(recipe, config, mesh, batch_spec)
+  shardings = built["shardings"]
+  frozen = jax.device_put(recipe.frozen, shardings["frozen"])
   checkpointer = Checkpointer(workdir, config.train.max_checkpoints)
   start = checkpointer.latest_step()
   if start is not None:
-    state, meta = checkpointer.restore(abstract_like(state, shardings), start)
+    state, meta = checkpointer.restore(abstract_like(built["abstract"], shardings["state"]), start)
     data_iter.set_state(meta["data_iterator"])
     print(f"resumed from {checkpointer.directory}/{start}", flush=True)
+  else:
+    state = built["init"]()
+  print(sharding.describe(state), flush=True)
   start = int(state.step)
-  _write_config(config, workdir)
+  write_json_atomic(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
   # --- step ---
-  train_step = make_train_step(recipe, tx, mesh, shardings)
+  train_step = make_train_step(recipe.loss_fn, built["tx"], dict(recipe.ema), built["trainable"],
+                               shardings)
+  student = towers(recipe.modules[STUDENT].model)
   # --- loop ---
   writer = MetricsWriter(workdir)
   progress = Progress(config.train.num_steps, config.batch_size, start)
@@ -91,13 +141,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
   t_loop = time.time()
   try:
     for step in range(start + 1, config.train.num_steps + 1):
-      batch = pipeline.to_global_batch(next(data_iter), data_sharding)
-      state, metrics = train_step(state, batch, recipe.teacher_params)
+      batch = pipeline.to_global_batch(next(data_iter), shardings["batch"])
+      state, metrics = train_step(state, batch, frozen)
       if step % config.train.log_every == 0 or step == config.train.num_steps:
         scalars = jax.device_get(metrics)
         writer.write(step, scalars)
-        progress.log(step, {k: scalars[k] for k in ("loss", "itc", "itm", "mlm", "distill")
-                            if k in scalars})
+        progress.log(step, {k: scalars[k] for k in LOGGED if k in scalars})
       if step % config.train.checkpoint_every == 0 or step == config.train.num_steps \
           or preemption.requested:
         checkpointer.save(step, state, {"data_iterator": data_iter.get_state(), "step": step},
@@ -107,7 +156,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
         return None
       if config.train.eval_every and step % config.train.eval_every == 0 \
           and step != config.train.num_steps:
-        results = evaluate_and_report(recipe, state.params, bench, config, split="val")
+        results = evaluate_and_report(student, state.params[STUDENT], bench, config, split="val")
         writer.write(step, {f"val/{k}": v for k, v in results["dual"].items()})
     checkpointer.wait()
     train_seconds = time.time() - t_loop
@@ -116,7 +165,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
     writer.close()
     checkpointer.close()
   # --- evaluation ---
-  results = evaluate_and_report(recipe, state.params, bench, config, split=config.eval.split)
+  results = evaluate_and_report(student, state.params[STUDENT], bench, config,
+                                split=config.eval.split)
   results["train_seconds_this_run"] = train_seconds
   results["step"] = int(state.step)
   write_json_atomic(os.path.join(workdir, "eval.json"), results)
@@ -125,23 +175,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
 
 
 def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """--mode=eval: re-evaluates the latest checkpoint of `workdir`."""
-  mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
+  """--mode=eval: re-evaluates the latest checkpoint of `workdir` (its network and params only;
+  the recipe and its teachers are not built)."""
+  run = load_run(workdir)
   bench = prepare_benchmark(config, workdir)
-  with config.unlocked():
-    config.model.vocab_size = bench.vocab_size
-  steps_per_epoch = max(len(bench.splits["train"].image_ids) // config.batch_size, 1)
-  recipe = methods.build(config, mesh, steps_per_epoch)
-  tx = make_optimizer(config.optim, config.train.num_steps)
-  state, shardings = _init_state(recipe, tx, mesh, jax.random.PRNGKey(config.seed))
-  checkpointer = Checkpointer(workdir, config.train.max_checkpoints)
-  if checkpointer.latest_step() is None:
-    raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}: train first with "
-                            f"--mode=train --workdir={workdir}")
-  state, _ = checkpointer.restore(abstract_like(state, shardings))
-  checkpointer.close()
-  results = evaluate_and_report(recipe, state.params, bench, config, split=config.eval.split)
-  results["step"] = int(state.step)
+  results = evaluate_and_report(run.towers, run.params, bench, config, split=config.eval.split)
+  results["step"] = run.step
   write_json_atomic(os.path.join(workdir, "eval.json"), results)
   _write_plots(workdir)
   return results
@@ -152,7 +191,3 @@ def _write_plots(workdir: str) -> None:
   if jax.process_index() == 0:
     for path in write_plots(workdir):
       print(f"plot: {path}", flush=True)
-
-
-def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  write_json_atomic(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))

@@ -12,25 +12,24 @@ import optax
 
 @flax.struct.dataclass
 class TrainState:
-  """step: int32 []; params: model params; opt_state: optax state;
-  ema_params: exponential moving average of params (momentum teachers / encoders), or {};
-  recipe_state: what a recipe carries between steps (e.g. feature queues), or {}."""
+  """step: int32 []; rng: the run's PRNG key (uint32 [2]), each step's key is
+  fold_in(rng, step); params: {module name: tree}; ema: {module name: tree}, exponential
+  moving averages of the modules the recipe asks for (momentum encoders / teachers), or {};
+  opt_state: optax state of the whole params dict; extra: what a recipe carries between
+  steps (feature queues, counters), or {}."""
   step: jax.Array
+  rng: jax.Array
   params: Any
+  ema: Any
   opt_state: Any
-  ema_params: Any
-  recipe_state: Any = flax.struct.field(default_factory=dict)
+  extra: Any
 
 
-def create_train_state(params, tx: optax.GradientTransformation, *, with_ema: bool,
-                       recipe_state: Any = None) -> TrainState:
-  return TrainState(
-      step=jnp.zeros((), jnp.int32),
-      params=params,
-      opt_state=tx.init(params),
-      ema_params=jax.tree.map(jnp.copy, params) if with_ema else {},
-      recipe_state={} if recipe_state is None else recipe_state,
-  )
+def create_train_state(params: dict, tx: optax.GradientTransformation, rng: jax.Array,
+                       ema_modules: tuple[str, ...] = (), extra: Any = None) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), rng=rng, params=params,
+                    ema={m: jax.tree.map(jnp.copy, params[m]) for m in ema_modules},
+                    opt_state=tx.init(params), extra={} if extra is None else extra)
 
 
 def ema_update(ema_params, params, momentum: float):

@@ -1,7 +1,14 @@
-"""The train step: one jitted pure function (state, batch) -> (state, metrics), sharded on the mesh.
+"""The train step: one jitted pure function (state, batch, frozen) -> (state, metrics).
 
-State is replicated (data parallelism; the `fsdp` axis is reserved for sharding large params),
-the batch is sharded on the batch axes, and nothing leaves the device inside the step.
+Every recipe's loss has one signature (methods/base.py `LossFn`):
+  loss_fn(params, frozen, extra, batch, rng, step) -> (loss, metrics, extra)
+params = {module: tree} (differentiated); frozen = {teacher name: params, recipe data...}
+plus "ema": {module: tree} when the recipe keeps momentum copies (never differentiated);
+extra = the recipe's carry (queues); rng = fold_in(state.rng, step), the step's key (dropout,
+masks, random negatives), so a resumed run draws what an uninterrupted one would.
+
+Shardings come from one place (parallel/sharding.py rules, applied by the trainer) and are
+given here as in/out shardings; the state is donated. Nothing leaves the device in the step.
 """
 
 from __future__ import annotations
@@ -10,46 +17,35 @@ from typing import Any, Callable
 
 import jax
 import optax
-from jax.sharding import Mesh
 
-from jaxdistill.methods.base import Recipe
-from jaxdistill.parallel.mesh import batch_sharding, replicated
 from jaxdistill.train.state import TrainState, ema_update
 
 
-def state_shardings(mesh: Mesh, state: Any) -> Any:
-  """Replicated shardings for every leaf of the state (params are small enough per device)."""
-  return jax.tree.map(lambda _: replicated(mesh), state)
+def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, ema: dict[str, float],
+                    trainable: Any, shardings: dict) -> Callable:
+  """Returns the jitted step(state, batch, frozen) -> (state, metrics).
 
+  ema: {module: momentum} of the modules with an EMA copy; trainable: bool tree over params
+  (the gradient norm is reported over trainable params); shardings: {"state", "batch",
+  "frozen", "metrics"} NamedSharding trees (parallel/sharding.py)."""
 
-def make_train_step(recipe: Recipe, tx: optax.GradientTransformation, mesh: Mesh,
-                    state_sharding: Any) -> Callable[[TrainState, dict, Any], tuple[TrainState, dict]]:
-  """Returns the jitted step(state, batch, recipe.teacher_params). The state is donated."""
+  def objective(params, frozen, extra, batch, rng, step):
+    loss, metrics, extra = loss_fn(params, frozen, extra, batch, rng, step)
+    return loss, (metrics, extra)
 
-  def loss_fn(params, teacher, batch, step, recipe_state):
-    """Every recipe's loss as (loss, (metrics, recipe_state)); stateless ones keep {}."""
-    if recipe.init_recipe_state is not None:
-      return recipe.loss_fn(params, teacher, batch, step, recipe_state)
-    loss, parts = recipe.loss_fn(params, teacher, batch, step)
-    return loss, (parts, recipe_state)
-
-  def step_fn(state: TrainState, batch: dict, offline_teacher: Any):
-    teacher = offline_teacher
-    if recipe.ema_momentum > 0:
-      teacher = state.ema_params if offline_teacher is None else (state.ema_params, offline_teacher)
-    (loss, (parts, recipe_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, teacher, batch, state.step, state.recipe_state)
+  def step_fn(state: TrainState, batch: dict, frozen: dict):
+    rng = jax.random.fold_in(state.rng, state.step)
+    frozen = dict(frozen, ema=state.ema) if ema else frozen
+    (loss, (metrics, extra)), grads = jax.value_and_grad(objective, has_aux=True)(
+        state.params, frozen, state.extra, batch, rng, state.step)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    ema = ema_update(state.ema_params, params, recipe.ema_momentum) if recipe.ema_momentum > 0 \
-        else state.ema_params
-    metrics = dict(parts, loss=loss, grad_norm=optax.global_norm(grads))
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                         ema_params=ema, recipe_state=recipe_state), metrics
+    new_ema = {m: ema_update(state.ema[m], params[m], momentum) for m, momentum in ema.items()}
+    grad_norm = optax.tree.norm(jax.tree.leaves(
+        jax.tree.map(lambda g, t: g if t else None, grads, trainable)))
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=new_ema,
+                         extra=extra), metrics
 
-  data = batch_sharding(mesh)
-  rep = replicated(mesh)
-  teacher_sharding = None if recipe.teacher_params is None else \
-      jax.tree.map(lambda _: rep, recipe.teacher_params)
-  return jax.jit(step_fn, in_shardings=(state_sharding, data, teacher_sharding),
-                 out_shardings=(state_sharding, rep), donate_argnums=(0,))
+  return jax.jit(step_fn, in_shardings=(shardings["state"], shardings["batch"], shardings["frozen"]),
+                 out_shardings=(shardings["state"], shardings["metrics"]), donate_argnums=(0,))

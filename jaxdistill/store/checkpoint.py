@@ -12,6 +12,12 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from jaxdistill.errors import JaxDistillError
+
+
+class CheckpointMismatchError(JaxDistillError, ValueError):
+  """A checkpoint whose params do not fit the tree a run expects (names the key and shapes)."""
+
 
 class Checkpointer:
   """`<workdir>/checkpoints/<step>/{state,meta}`; keeps the newest `max_to_keep`."""
@@ -21,7 +27,8 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
-        item_names=("state", "meta"))
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -41,9 +48,14 @@ class Checkpointer:
     return restored["state"], restored["meta"]
 
   def restore_raw(self, step: int) -> Any:
-    """The saved state as plain arrays, without a target structure."""
+    """The saved state as plain arrays on this process's first device, whatever mesh saved it
+    (the target is built from the checkpoint's own metadata)."""
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    metadata = self._manager.item_metadata(step)["state"]
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          metadata, is_leaf=lambda m: hasattr(m, "shape"))
     return self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore()))["state"]
+        state=ocp.args.StandardRestore(target)))["state"]
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
@@ -57,7 +69,6 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-
 def load_params(workdir: str, expected: Any) -> Any:
   """The params of the latest checkpoint of another run (a frozen teacher, or towers to start from).
 
@@ -66,7 +77,7 @@ def load_params(workdir: str, expected: Any) -> Any:
   checkpointer = Checkpointer(workdir)
   step = checkpointer.latest_step()
   if step is None:
-    raise FileNotFoundError(f"no checkpoint under {checkpointer.directory}: point at the "
+    raise CheckpointMismatchError(f"no checkpoint under {checkpointer.directory}: point at the "
                             "--workdir of a finished run")
   params = checkpointer.restore_raw(step)["params"]
   checkpointer.close()
@@ -76,10 +87,10 @@ def load_params(workdir: str, expected: Any) -> Any:
   for path, want in jax.tree_util.tree_leaves_with_path(expected):
     name = jax.tree_util.keystr(path)
     if name not in found:
-      raise ValueError(f"{where} lacks param {name} (expected shape {want.shape}): {fix}")
+      raise CheckpointMismatchError(f"{where} lacks param {name} (expected shape {want.shape}): {fix}")
     shape = tuple(found.pop(name))
     if shape != tuple(want.shape):
-      raise ValueError(f"{where}: param {name} has shape {shape}, expected {tuple(want.shape)}: {fix}")
+      raise CheckpointMismatchError(f"{where}: param {name} has shape {shape}, expected {tuple(want.shape)}: {fix}")
   if found:
-    raise ValueError(f"{where} has unexpected params {sorted(found)[:3]}: {fix}")
+    raise CheckpointMismatchError(f"{where} has unexpected params {sorted(found)[:3]}: {fix}")
   return params

@@ -19,6 +19,12 @@ import os
 import ml_collections
 import numpy as np
 from jaxdistill.atomic import atomic_open
+from jaxdistill.errors import JaxDistillError
+
+
+class BankError(JaxDistillError, ValueError):
+  """A hard-negative bank that is missing, malformed or mined on other data."""
+
 
 I2T_FILE, T2I_FILE = "i2t.npy", "t2i.npy"
 MISSING = -1
@@ -35,10 +41,10 @@ def write_bank(path: str, keys: np.ndarray, ids: np.ndarray, scores: np.ndarray)
   ids, scores = np.asarray(ids), np.asarray(scores)
   n = len(keys)
   if ids.ndim != 2 or ids.shape[0] != n or scores.shape != ids.shape:
-    raise ValueError(f"write_bank needs keys [N], ids [N, K] and scores [N, K]; got {keys.shape}, "
+    raise BankError(f"write_bank needs keys [N], ids [N, K] and scores [N, K]; got {keys.shape}, "
                      f"{ids.shape}, {scores.shape}")
   if len(np.unique(keys)) != n:
-    raise ValueError(f"write_bank: keys for {path} are not unique")
+    raise BankError(f"write_bank: keys for {path} are not unique")
   k = ids.shape[1]
   records = np.empty(n, dtype=[("key", np.int64), ("ids", np.int64, (k,)),
                                ("scores", np.float32, (k,))])
@@ -58,9 +64,9 @@ class Bank:
     try:
       records = np.load(path, mmap_mode="r")
     except (ValueError, OSError) as e:
-      raise ValueError(f"{path} is not a hard-negative bank ({e}): re-mine it with --mode=mine")
+      raise BankError(f"{path} is not a hard-negative bank ({e}): re-mine it with --mode=mine")
     if records.ndim != 1 or set(records.dtype.names or ()) != {"key", "ids", "scores"}:
-      raise ValueError(f"{path} is not a hard-negative bank (dtype {records.dtype}): re-mine it "
+      raise BankError(f"{path} is not a hard-negative bank (dtype {records.dtype}): re-mine it "
                        "with --mode=mine")
     self.keys, self.ids, self.scores = records["key"], records["ids"], records["scores"]
     self.path = path
@@ -76,7 +82,7 @@ class Bank:
     """First k negatives of each key: keys int [...] -> (ids int64 [..., k], scores [..., k]);
     keys absent from the bank get ids -1 (MISSING) and scores -inf."""
     if not 1 <= k <= self.k:
-      raise ValueError(f"asked for {k} hard negatives but the bank {self.path} holds {self.k} "
+      raise BankError(f"asked for {k} hard negatives but the bank {self.path} holds {self.k} "
                        f"per example: use --config.<method>.hard_negatives <= {self.k} or re-mine "
                        "with a larger --config.mining.num_neighbors")
     keys = np.asarray(keys, np.int64)
@@ -114,7 +120,7 @@ def training_negatives(config: ml_collections.ConfigDict, image_ids: np.ndarray,
   lacking_i2t = int(np.any(text_ids == MISSING, axis=-1).sum())
   lacking_t2i = int(np.any(image_neg == MISSING, axis=-1).sum())
   if lacking_i2t == len(image_ids):
-    raise ValueError(f"the bank in --config.mining.bank_dir={bank_dir} covers none of the "
+    raise BankError(f"the bank in --config.mining.bank_dir={bank_dir} covers none of the "
                      f"{len(image_ids)} training images: it was mined on other data; re-mine with "
                      "this run's data config (--mode=mine)")
   print(f"hard negatives: k={k} from {bank_dir}; {lacking_i2t}/{len(image_ids)} images and "

@@ -1,0 +1,92 @@
+"""A network from the `model` config section, its params and its apply functions (`Towers`).
+
+`model.kind` names the family: "dual" (DualEncoder: image and text towers, projections,
+temperature; the student of the dual, CPRD and LiT recipes) or "loopitr" (LoopITRModel: the
+dual encoder plus a cross encoder with ITM and MLM heads, paper 003 Fig. 3). Eval, export,
+mining and teachers-from-a-workdir build a run's network from its saved config with these
+functions alone: no recipe, no teacher, no data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxdistill.errors import JaxDistillError
+from jaxdistill.models.dual import DualEncoder
+from jaxdistill.models.loopitr import LoopITRModel, build_model as build_loopitr
+from jaxdistill.models.towers import image_tower, text_tower
+
+KINDS = ("dual", "loopitr")
+DTYPES = ("float32", "bfloat16")
+
+
+class ModelConfigError(JaxDistillError, ValueError):
+  """A `model` config value that cannot build a network."""
+
+
+def build_model(mc, dtype: str | None = None) -> nn.Module:
+  """The network of `mc.kind` ("dual" | "loopitr"); dtype: computation dtype (params stay
+  float32), default `mc.dtype` when present, else float32."""
+  kind = mc.get("kind", "dual")
+  if kind not in KINDS:
+    raise ModelConfigError(f"--config.model.kind={kind!r} is unknown: use one of {', '.join(KINDS)}")
+  dtype = dtype or mc.get("dtype", "float32")
+  if dtype not in DTYPES:
+    raise ModelConfigError(f"model dtype {dtype!r} is not valid: use one of {', '.join(DTYPES)}")
+  if kind == "loopitr":
+    return build_loopitr({**dict(mc), "dtype": dtype})
+  d = jnp.dtype(dtype)
+  return DualEncoder(image_tower(mc, d), text_tower(mc, d), mc.embed_dim,
+                     image_pool=mc.image_pool, text_pool=mc.get("text_pool", "cls"),
+                     temperature_init=mc.temperature_init, dtype=d)
+
+
+def init_params(model: nn.Module, mc, key: jax.Array) -> Any:
+  """Every param of `model`, from one dummy image [1, S, S, C] and caption [1, max_len] of `mc`."""
+  images = jnp.zeros((1, mc.image_size, mc.image_size, mc.channels), jnp.float32)
+  ids = jnp.zeros((1, mc.max_len), jnp.int32)
+  return model.init(key, images, ids, jnp.ones_like(ids))["params"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Towers:
+  """A network's apply functions, params first (pure; jit them at the call site).
+
+  embed_image(params, images [B,H,W,C]) -> (emb [B,E] unit-norm, tokens [B,M,Dv])
+  embed_text(params, ids [B,L], mask [B,L]) -> (emb [B,E] unit-norm, tokens [B,L,Dt])
+  temperature(params) -> [] (the ITC temperature tau)
+  match_scores(params, image_tokens [P,M,Dv], text_tokens [P,L,Dt], text_mask [P,L]) -> [P]
+    (the cross encoder's positive-class ITM logit), or None without a cross encoder.
+  Each of embed_image / embed_text takes keyword `rngs` ({"dropout": key}) to run in training
+  mode (dropout on); without it the network is deterministic.
+  """
+  embed_image: Callable
+  embed_text: Callable
+  temperature: Callable
+  match_scores: Callable | None
+
+
+def _apply(model: nn.Module, method):
+  def fn(params, *inputs, rngs=None):
+    return model.apply({"params": params}, *inputs, deterministic=rngs is None, rngs=rngs,
+                       method=method)
+  return fn
+
+
+def towers(model: nn.Module) -> Towers:
+  """The `Towers` of a network built by `build_model`."""
+  cls = type(model)
+  match = None
+  if isinstance(model, LoopITRModel):
+    logits = _apply(model, LoopITRModel.match_logits)
+    match = lambda p, image_tokens, text_tokens, text_mask: logits(
+        p, text_tokens, text_mask, image_tokens)[:, 0]
+  return Towers(embed_image=_apply(model, cls.encode_image),
+                embed_text=_apply(model, cls.encode_text),
+                temperature=lambda p: model.apply({"params": p}, method=cls.temperature),
+                match_scores=match)

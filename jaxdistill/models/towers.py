@@ -1,0 +1,112 @@
+"""Image and text towers chosen by the `model` config (`image_tower`, `text_tower`), all with
+the DualEncoder's tower interface (models/dual.py):
+
+  image: (images float32 [B, H, W, C] normalised as the benchmark does, deterministic=True)
+         -> tokens [B, 1 + P, D]: token 0 global, then P spatial slots (row-major cells)
+  text:  (ids int32 [B, L], mask [B, L], deterministic=True) -> tokens [B, L, D]
+
+- "vit" / "transformer": models/vit.ViT and models/text.TextEncoder, trained from scratch.
+- "bert": models/bert.Bert (HF BertModel layout, so MiniLM / BERT checkpoints map onto it,
+  pretrained/towers.py); params {"bert": ...}.
+- "efficientnet_lite0": models/efficientnet_lite.EfficientNetLite0 with BatchNorm folded into
+  its convs; the benchmark image (normalised with model.image_mean / image_std, as
+  data/compositional.py does) is turned into the ImageNet input it was trained on and its
+  head map average-pooled per cell of model.patch_size pixels (P cells, as the ViT's patches),
+  token 0 the mean of the cells; params {"backbone": ...}.
+
+The selector fields fall back to "vit" / "transformer" for configs saved before they existed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from jaxdistill.models.bert import Bert
+from jaxdistill.models.efficientnet_lite import STRIDE, EfficientNetLite0, normalize
+from jaxdistill.models.text import TextEncoder
+from jaxdistill.models.vit import ViT
+
+IMAGE_TOWERS = ("vit", "efficientnet_lite0")
+TEXT_TOWERS = ("transformer", "bert")
+
+
+class BertTower(nn.Module):
+  """ids int32 [B, L], mask [B, L] -> tokens [B, L, D] of `bert` (token type 0 everywhere).
+  Bert has no dropout: `deterministic` (and model.dropout_rate) have no effect."""
+  bert: Bert
+
+  def __call__(self, ids: jax.Array, mask: jax.Array, deterministic: bool = True) -> jax.Array:
+    del deterministic
+    return self.bert(ids, mask)
+
+
+class EfficientNetTower(nn.Module):
+  """images [B, H, W, C] (C = 1 or 3, normalised with input_mean / input_std) -> tokens
+  [B, 1 + P, 1280], P = (H / cell_size) (W / cell_size).
+
+  Input (as the LiT teacher, Zhai et al. 2022): un-normalise, bilinear-resize to input_size x
+  input_size, grey -> RGB, ImageNet-normalise. Output: the head map [B, s, s, 1280]
+  (s = input_size / 32) average-pooled per cell; token 0 = the mean of the cells. Global average
+  pooling alone would erase where an item is, which the benchmark's captions are about. No
+  dropout: `deterministic` has no effect.
+  """
+  backbone: EfficientNetLite0
+  cell_size: int
+  input_size: int
+  input_mean: float
+  input_std: float
+
+  def __call__(self, images: jax.Array, deterministic: bool = True) -> jax.Array:
+    del deterministic
+    batch, height, width, channels = images.shape
+    if height % self.cell_size or width % self.cell_size or channels not in (1, 3):
+      raise ValueError(f"images [B, {height}, {width}, {channels}]: the EfficientNet-Lite0 tower "
+                       f"needs 1 or 3 channels and sides divisible by model.patch_size="
+                       f"{self.cell_size} (the cell size)")
+    rows, cols = height // self.cell_size, width // self.cell_size
+    side = self.input_size // STRIDE
+    if self.input_size % STRIDE or side % rows or side % cols:
+      raise ValueError(f"--config.model.efficientnet_input_size={self.input_size} must be a "
+                       f"multiple of {STRIDE} x {rows} and {STRIDE} x {cols} (EfficientNet's "
+                       f"stride x cells per side), e.g. {STRIDE * rows * cols}")
+    pixels = images * self.input_std + self.input_mean
+    pixels = jax.image.resize(pixels, (batch, self.input_size, self.input_size, channels),
+                              "bilinear")
+    x = normalize(jnp.repeat(pixels, 3 // channels, axis=-1))
+    fmap = self.backbone.feature_map(x)                     # [B, s, s, 1280]
+    cells = fmap.reshape(batch, rows, side // rows, cols, side // cols, -1).mean(axis=(2, 4))
+    cells = cells.reshape(batch, rows * cols, -1)
+    return jnp.concatenate([cells.mean(axis=1, keepdims=True), cells], axis=1)
+
+
+def image_tower(mc: ml_collections.ConfigDict, dtype: Any = jnp.float32) -> nn.Module:
+  """The `model` config section -> the image tower (mc.image_tower in IMAGE_TOWERS)."""
+  kind = mc.get("image_tower", "vit")
+  if kind == "vit":
+    return ViT(mc.patch_size, mc.vision_width, mc.vision_layers, mc.vision_heads, mc.vision_mlp,
+               stem=mc.stem, dropout_rate=mc.dropout_rate, dtype=dtype)
+  if kind == "efficientnet_lite0":
+    return EfficientNetTower(EfficientNetLite0(fold_bn=True, dtype=dtype), mc.patch_size,
+                             mc.efficientnet_input_size, mc.image_mean, mc.image_std)
+  raise ValueError(f"--config.model.image_tower={kind!r} is not valid: use one of "
+                   f"{', '.join(IMAGE_TOWERS)}")
+
+
+def text_tower(mc: ml_collections.ConfigDict, dtype: Any = jnp.float32) -> nn.Module:
+  """The `model` config section -> the text tower (mc.text_tower in TEXT_TOWERS)."""
+  kind = mc.get("text_tower", "transformer")
+  if kind == "transformer":
+    return TextEncoder(mc.vocab_size, mc.max_len, mc.text_width, mc.text_layers, mc.text_heads,
+                       mc.text_mlp, dropout_rate=mc.dropout_rate, dtype=dtype)
+  if kind == "bert":
+    return BertTower(Bert(
+        mc.vocab_size, mc.text_width, mc.text_layers, mc.text_heads, mc.text_mlp,
+        mc.bert_max_positions, type_vocab_size=mc.bert_type_vocab_size,
+        layer_norm_eps=mc.bert_layer_norm_eps, hidden_act=mc.bert_hidden_act, dtype=dtype))
+  raise ValueError(f"--config.model.text_tower={kind!r} is not valid: use one of "
+                   f"{', '.join(TEXT_TOWERS)}")

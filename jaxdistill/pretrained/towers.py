@@ -1,0 +1,71 @@
+"""`load_tower_params(path, architecture, layers)`: a pretrained checkpoint -> params in the
+layout of a models/towers.py tower, for initialising a student from it ("init_from"; papers
+000, 001, 004 start small students from pretrained encoders, optionally a subset of layers).
+
+architecture: "bert" (a Hugging Face BertModel directory, e.g. MiniLM-L6, packaged.minilm_dir())
+-> BertTower params {"bert": ...}; "efficientnet_lite0" (the port's state dict,
+packaged.efficientnet_path()) -> EfficientNetTower params {"backbone": ...}, BatchNorm folded
+into the convs and the ImageNet classifier dropped.
+
+info: {"architecture", "path", "layers" (kept original layer indices, or None),
+"checkpoint_layers", "model"}; "model" holds the `model` config fields the params fix (the
+tower kind and its widths), so a config can be checked against, or filled from, the checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from jaxdistill.models.efficientnet_lite import HEAD_WIDTH
+from jaxdistill.pretrained import bert, efficientnet_lite
+from jaxdistill.pretrained.checkpoint import CheckpointError, layer_indices, read_config
+
+TOWER_ARCHITECTURES = ("bert", "efficientnet_lite0")
+
+
+def _bert(path: str, layers: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
+  config = read_config(path)
+  module, params = bert.load(path, config, layers=layers)
+  info = dict(layers=None if layers is None else layer_indices(layers,
+                                                               config["num_hidden_layers"]),
+              checkpoint_layers=config["num_hidden_layers"],
+              model=dict(text_tower="bert", vocab_size=module.vocab_size,
+                         text_width=module.hidden_size, text_layers=module.num_layers,
+                         text_heads=module.num_heads, text_mlp=module.intermediate_size,
+                         bert_max_positions=module.max_position_embeddings,
+                         bert_type_vocab_size=module.type_vocab_size,
+                         bert_layer_norm_eps=module.layer_norm_eps,
+                         bert_hidden_act=module.hidden_act))
+  return {"bert": params}, info
+
+
+def _efficientnet(path: str, layers: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
+  if layers is not None:
+    raise CheckpointError(f"layer selection {layers!r} does not apply to efficientnet_lite0 (its "
+                          "MBConv stages are fixed): leave the layer selection unset")
+  _, variables = efficientnet_lite.load(path)
+  params = efficientnet_lite.fold_batch_norm(variables)
+  del params["classifier"]
+  info = dict(layers=None, checkpoint_layers=None,
+              model=dict(image_tower="efficientnet_lite0", vision_width=HEAD_WIDTH))
+  return {"backbone": params}, info
+
+
+_LOADERS = {"bert": _bert, "efficientnet_lite0": _efficientnet}
+
+
+def load_tower_params(path: str, architecture: str, layers: str | None = None
+                      ) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Checkpoint at `path` -> (params of the `architecture` tower, info); layers: None (all) |
+  "first:N" | "last:N" | "i,j,k", renumbered 0..n-1 (checkpoint.layer_indices). Any bad path,
+  architecture or selection raises one CheckpointError naming it and the fix."""
+  path = os.fspath(path)
+  if architecture not in _LOADERS:
+    raise CheckpointError(f"unknown tower architecture {architecture!r} for {path}: use one of "
+                          f"{', '.join(TOWER_ARCHITECTURES)}")
+  if not os.path.exists(path):
+    raise CheckpointError(f"checkpoint path does not exist: {path}; pass the {architecture} "
+                          "checkpoint (a Hugging Face model directory or a .safetensors/.pth file)")
+  params, info = _LOADERS[architecture](path, layers)
+  return params, dict(architecture=architecture, path=path, **info)
