@@ -1,5 +1,5 @@
 """Step time of a distillation step with the teacher run online vs read from the feature cache,
-side by side in one run (issue 3, part 4).
+side by side in one run.
 
   .venv/bin/python benchmarks/teacher_cache.py [--teacher_workdir=runs/teacher_cross] [--steps=10]
 

@@ -1,5 +1,5 @@
 r"""Larger networks trained on the bundled benchmark, to serve as frozen teachers
-(jaxdistill/teachers/workdir.py `from_workdir`; issue 3 part 5a). Use one as
+(jaxdistill/teachers/workdir.py `from_workdir`). Use one as
   --config.teachers.<name>.kind=workdir --config.teachers.<name>.path=runs/teacher_dual
 
 Every preset widens all towers to 256 and deepens them to 4 layers (8 heads, MLP 512,

@@ -24,3 +24,82 @@ def recipe_config(name: str, preset: str = "tiny"):
 def config_of():
   """config_of("loopitr", "tiny") -> configs/loopitr.py's tiny config."""
   return recipe_config
+
+
+# --- recipe-loss harness (tests/test_loopitr.py, test_cprd.py, test_dual_recipe.py) -------------
+
+import typing  # noqa: E402
+
+
+def random_captions(rng, n: int, length: int = 12, min_len: int = 4, bracket: bool = False):
+  """n random padded captions of the tiny preset from the numpy Generator `rng` (draws ids,
+  then lengths): ids int32 [n, length] in [5, 40), 0 past each caption's length (drawn in
+  [min_len, length)), and mask int32 [n, length]. bracket: [CLS]=2 first and [SEP]=3 last, as
+  the tokenizer writes."""
+  import numpy as np
+  ids = rng.integers(5, 40, (n, length)).astype(np.int32)
+  lengths = rng.integers(min_len, length, n)
+  mask = (np.arange(length)[None] < lengths[:, None]).astype(np.int32)
+  ids = np.where(mask > 0, ids, 0).astype(np.int32)
+  if bracket:
+    ids[:, 0], ids[np.arange(n), lengths - 1] = 2, 3
+  return ids, mask
+
+
+def random_pairs(rng, n: int, length: int = 12, min_len: int = 4, bracket: bool = False,
+                 image_shape=(56, 56, 1)) -> dict:
+  """n random (image, caption) rows: `random_captions` as text_ids / text_mask, then image
+  float32 [n, *image_shape] (standard normal)."""
+  ids, mask = random_captions(rng, n, length, min_len, bracket)
+  image = rng.normal(size=(n, *image_shape)).astype("float32")
+  return {"image": image, "text_ids": ids, "text_mask": mask}
+
+
+def one_device_mesh():
+  """The (data, fsdp) mesh over the first simulated device only."""
+  import jax
+  from jaxdistill.parallel.mesh import make_mesh
+  return make_mesh(devices=jax.devices()[:1])
+
+
+class LossGrads(typing.NamedTuple):
+  """Host copies of one loss evaluation: loss [], metrics {name: []}, grads (like params),
+  extra (the recipe's carry after the step)."""
+  loss: typing.Any
+  metrics: dict
+  grads: typing.Any
+  extra: typing.Any
+
+
+def loss_and_grads(loss_fn, mesh, params, batch, frozen=None, extra=None, step=0, seed=0):
+  """Runs the contract loss `loss_fn(params, frozen, extra, batch, rng, step)` under
+  jit(value_and_grad) on `mesh` as the train step does: batch sharded over the batch axes,
+  params / frozen / extra replicated, rng = PRNGKey(seed). Returns a LossGrads on the host."""
+  import jax
+  import jax.numpy as jnp
+  from jaxdistill.parallel.mesh import batch_sharding, replicated
+
+  def objective(p, f, e, b, r, s):
+    loss, metrics, e = loss_fn(p, f, e, b, r, s)
+    return loss, (metrics, e)
+
+  rep = replicated(mesh)
+  fn = jax.jit(jax.value_and_grad(objective, has_aux=True),
+               in_shardings=(rep, rep, rep, batch_sharding(mesh), rep, rep))
+  (loss, (metrics, extra)), grads = fn(params, frozen or {}, extra or {}, batch,
+                                       jax.random.PRNGKey(seed), jnp.asarray(step, jnp.int32))
+  return LossGrads(*jax.device_get((loss, metrics, grads, extra)))
+
+
+def assert_devices_agree(many: LossGrads, one: LossGrads, loss_atol: float = 1e-5) -> None:
+  """The n-device evaluation equals the 1-device one: loss (rtol 1e-5, loss_atol), every metric
+  (1e-5), and every gradient at rtol 1e-5 with atol 1e-5 times that parameter's largest
+  gradient (the batch sums are reduced across devices in another order: float32 noise)."""
+  import jax
+  import numpy as np
+  np.testing.assert_allclose(many.loss, one.loss, rtol=1e-5, atol=loss_atol)
+  assert set(many.metrics) == set(one.metrics)
+  for k in one.metrics:
+    np.testing.assert_allclose(many.metrics[k], one.metrics[k], rtol=1e-5, atol=1e-5, err_msg=k)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(
+      a, b, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(b).max()))), many.grads, one.grads)

@@ -1,30 +1,29 @@
 """Dual ITC recipe with corpus-mined hard negatives: the loss against numpy, 8 devices vs 1, and
 the pipeline attaching each example's banked negatives (resume-exact)."""
 
-import os
-import sys
-
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import (assert_devices_agree, loss_and_grads, one_device_mesh, random_pairs,
+                      recipe_config)
+from jaxdistill import methods
 from jaxdistill.config import ConfigError, validate
 from jaxdistill.data import pipeline
 from jaxdistill.data.compositional import build_benchmark, normalize_images
 from jaxdistill.data.fashion_mnist import load_fashion_mnist
+from jaxdistill.data.negatives import (I2T_FILE, T2I_FILE, MISSING, BankError, caption_ids,
+                                      training_negatives, write_bank)
 from jaxdistill.methods import dual as dual_method
-from jaxdistill.data.negatives import I2T_FILE, T2I_FILE, MISSING, caption_ids, training_negatives, write_bank
-from jaxdistill.parallel.mesh import batch_sharding, make_mesh, replicated
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
-from configs import dual as dual_config  # noqa: E402
+from jaxdistill.methods.base import STUDENT
+from jaxdistill.models.build import towers
+from jaxdistill.parallel.mesh import make_mesh
 
 B, K, L = 16, 2, 12
 
 
 def _config(k=K, bank_dir=""):
-  c = dual_config.get_config("tiny")
+  c = recipe_config("dual", "tiny")
   c.model.vocab_size, c.model.max_len = 40, L
   c.dual.hard_negatives = k
   c.mining.bank_dir = bank_dir
@@ -33,9 +32,8 @@ def _config(k=K, bank_dir=""):
 
 def _batch(seed=0):
   rng = np.random.default_rng(seed)
-  ids = rng.integers(5, 40, (B * (1 + K), L)).astype(np.int32)
-  mask = (np.arange(L)[None] < rng.integers(4, L, len(ids))[:, None]).astype(np.int32)
-  images = rng.normal(size=(B * (1 + K), 56, 56, 1)).astype(np.float32)
+  rows = random_pairs(rng, B * (1 + K), L)   # B positives, then B * K mined negatives
+  ids, mask, images = rows["text_ids"], rows["text_mask"], rows["image"]
   owner_t = rng.integers(0, B + 4, (B, K)).astype(np.int32)   # some are the row's own image
   owner_t[0, 0] = MISSING
   owner_i = rng.integers(0, B + 4, (B, K)).astype(np.int32)
@@ -46,17 +44,19 @@ def _batch(seed=0):
           "neg_image_owner": owner_i}
 
 
+def _recipe(config, mesh):
+  return dual_method.build(config, mesh, None, 1)   # the dual recipe reads no benchmark
+
+
 @pytest.fixture(scope="module")
 def params():
-  recipe = dual_method.build(_config(), make_mesh(devices=jax.devices()[:1]), 1)
-  return recipe.init_params(jax.random.PRNGKey(0))
+  recipe = _recipe(_config(), one_device_mesh())
+  assert list(recipe.modules) == [STUDENT] and not recipe.frozen and not recipe.ema
+  return {STUDENT: recipe.modules[STUDENT].init(jax.random.PRNGKey(0))}
 
 
 def _loss(config, mesh, params, batch):
-  recipe = dual_method.build(config, mesh, 1)
-  fn = jax.jit(jax.value_and_grad(recipe.loss_fn, has_aux=True),
-               in_shardings=(replicated(mesh), None, batch_sharding(mesh), None))
-  return jax.device_get(fn(params, None, batch, jnp.asarray(0)))
+  return loss_and_grads(_recipe(config, mesh).loss_fn, mesh, params, batch)
 
 
 def _log_softmax(x):
@@ -66,14 +66,16 @@ def _log_softmax(x):
 
 def test_loss_matches_numpy_with_mined_columns(params):
   config, batch = _config(), _batch()
-  mesh = make_mesh(devices=jax.devices()[:1])
-  (loss, parts), _ = _loss(config, mesh, params, batch)
-  recipe = dual_method.build(config, mesh, 1)
-  img = np.asarray(recipe.embed_image(params, batch["image"])[0], np.float64)
-  txt = np.asarray(recipe.embed_text(params, batch["text_ids"], batch["text_mask"])[0], np.float64)
-  neg_t = np.asarray(recipe.embed_text(params, batch["neg_text_ids"].reshape(B * K, L),
-                                       batch["neg_text_mask"].reshape(B * K, L))[0], np.float64)
-  neg_i = np.asarray(recipe.embed_image(params, batch["neg_image"].reshape(B * K, 56, 56, 1))[0],
+  mesh = one_device_mesh()
+  out = _loss(config, mesh, params, batch)
+  loss, parts = out.loss, out.metrics
+  student = towers(_recipe(config, mesh).modules[STUDENT].model)
+  p = params[STUDENT]
+  img = np.asarray(student.embed_image(p, batch["image"])[0], np.float64)
+  txt = np.asarray(student.embed_text(p, batch["text_ids"], batch["text_mask"])[0], np.float64)
+  neg_t = np.asarray(student.embed_text(p, batch["neg_text_ids"].reshape(B * K, L),
+                                        batch["neg_text_mask"].reshape(B * K, L))[0], np.float64)
+  neg_i = np.asarray(student.embed_image(p, batch["neg_image"].reshape(B * K, 56, 56, 1))[0],
                      np.float64)
   tau = float(parts["temperature"])
   rows = np.arange(B)
@@ -89,25 +91,25 @@ def test_loss_matches_numpy_with_mined_columns(params):
   t2i = direction(txt, img, neg_i, batch["neg_image_owner"])
   np.testing.assert_allclose(loss, (i2t + t2i) / 2, rtol=1e-4)
   # Without mined negatives: plain in-batch InfoNCE, always a smaller loss here.
-  (plain, _), _ = _loss(_config(k=0), mesh, params, batch)
-  assert plain < loss
+  assert _loss(_config(k=0), mesh, params, batch).loss < loss
 
 
 def test_eight_devices_equal_one_device(params):
   batch = _batch(1)
-  (l8, m8), g8 = _loss(_config(), make_mesh(), params, batch)
-  (l1, m1), g1 = _loss(_config(), make_mesh(devices=jax.devices()[:1]), params, batch)
-  np.testing.assert_allclose(l8, l1, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(
-      a, b, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(b).max()))), g8, g1)
+  many = _loss(_config(), make_mesh(), params, batch)
+  assert make_mesh().size == 8
+  assert_devices_agree(many, _loss(_config(), one_device_mesh(), params, batch), loss_atol=0.0)
 
 
 def test_config_needs_a_bank_for_hard_negatives():
-  with pytest.raises(ConfigError, match="mining.bank_dir"):
+  with pytest.raises(ConfigError, match="--config.dual.hard_negatives=2 needs --config.mining.bank_dir: "
+                                        "mine a bank first"):
     validate(_config(k=2, bank_dir=""), 8)
-  with pytest.raises(ConfigError, match="num_neighbors"):
+  with pytest.raises(ConfigError, match="--config.dual.hard_negatives=40 exceeds --config.mining."
+                                        "num_neighbors=16: lower it"):
     validate(_config(k=40, bank_dir="/tmp"), 8)
   validate(_config(k=0), 8)
+  methods.validate(_config(k=0))   # the dual recipe has no section checks and reads no teacher
 
 
 # --- pipeline ------------------------------------------------------------------------------------
@@ -165,6 +167,6 @@ def test_pipeline_attaches_banked_negatives_and_resumes(tmp_path, split):
 def test_bank_of_other_data_is_refused(tmp_path, split):
   write_bank(str(tmp_path / I2T_FILE), [10**7], [[1, 2]], [[0.0, 0.0]])
   write_bank(str(tmp_path / T2I_FILE), [10**7], [[1, 2]], [[0.0, 0.0]])
-  with pytest.raises(ValueError, match="covers none"):
+  with pytest.raises(BankError, match="--config.mining.bank_dir=.* covers none"):
     training_negatives(_config(bank_dir=str(tmp_path)), split.image_ids, 5)
   assert training_negatives(_config(k=0, bank_dir=str(tmp_path)), split.image_ids, 5) is None

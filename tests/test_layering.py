@@ -256,7 +256,6 @@ def test_architecture_doc_has_a_layers_block():
   assert len(layers) >= 2 and all(layers)
 
 
-@pytest.mark.xfail(reason="layering refactor in progress", strict=False)
 def test_package_layering_matches_architecture_doc():
   report = check_layering(PACKAGE_DIR, _doc_layers())
   assert not report, "\n" + report.text()

@@ -1,24 +1,30 @@
-"""LoopITR recipe: 8-device equivalence, stop-grad, negative choice, warm-up."""
+"""LoopITR recipe: 8-device equivalence, stop-grad, frozen teachers, negative choice, warm-up,
+init_from a dual run, config errors."""
 
-import os
-import sys
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import (assert_devices_agree, loss_and_grads, one_device_mesh, random_pairs,
+                      recipe_config)
+from jaxdistill import methods
+from jaxdistill.config import ConfigError
+from jaxdistill.data import pipeline
+from jaxdistill.data.tokenizer import SpecialIds
 from jaxdistill.methods import loopitr as loopitr_method
-from jaxdistill.parallel.mesh import batch_sharding, make_mesh, replicated
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
-from configs import loopitr as loopitr_config  # noqa: E402
+from jaxdistill.methods.base import STUDENT
+from jaxdistill.parallel.mesh import make_mesh
+from jaxdistill.train.loop import build_state
 
 B = 16
+BENCH = types.SimpleNamespace(special_ids=SpecialIds())   # all that build() reads of the benchmark
 
 
 def _config(**loopitr_overrides):
-  c = loopitr_config.get_config("tiny")
+  c = recipe_config("loopitr", "tiny")
   c.model.vocab_size = 40
   c.model.max_len = 12
   for k, v in loopitr_overrides.items():
@@ -28,50 +34,36 @@ def _config(**loopitr_overrides):
 
 def _batch(seed=0):
   rng = np.random.default_rng(seed)
-  ids = rng.integers(5, 40, (B, 12)).astype(np.int32)
-  ids[:, 0] = 2
-  lengths = rng.integers(6, 12, B)
-  mask = (np.arange(12)[None] < lengths[:, None]).astype(np.int32)
-  ids = np.where(mask > 0, ids, 0).astype(np.int32)
-  ids[np.arange(B), lengths - 1] = 3
-  return {"image": rng.normal(size=(B, 56, 56, 1)).astype(np.float32), "text_ids": ids,
-          "text_mask": mask, "image_id": np.arange(B, dtype=np.int32) // 1}
+  batch = random_pairs(rng, B, 12, min_len=6, bracket=True)
+  return dict(batch, image_id=np.arange(B, dtype=np.int32))
 
 
-def _loss_and_grads(config, mesh, params, batch, step=100, teacher=None):
-  recipe = loopitr_method.build(config, mesh, steps_per_epoch=10)
-  fn = jax.jit(jax.value_and_grad(recipe.loss_fn, has_aux=True),
-               in_shardings=(replicated(mesh), None, batch_sharding(mesh), None))
-  return jax.device_get(fn(params, teacher, batch, jnp.asarray(step)))
+def _recipe(config, mesh, bench=BENCH):
+  return loopitr_method.build(config, mesh, bench, steps_per_epoch=10)
+
+
+def _run(config, mesh, params, frozen=None, step=100):
+  return loss_and_grads(_recipe(config, mesh).loss_fn, mesh, params, _batch(), frozen, step=step)
 
 
 @pytest.fixture(scope="module")
 def params():
-  config = _config()
-  recipe = loopitr_method.build(config, make_mesh(devices=jax.devices()[:1]), steps_per_epoch=10)
-  return recipe.init_params(jax.random.PRNGKey(0))
+  recipe = _recipe(_config(), one_device_mesh())
+  assert list(recipe.modules) == [STUDENT]
+  return {STUDENT: recipe.modules[STUDENT].init(jax.random.PRNGKey(0))}
 
 
 @pytest.mark.parametrize("overrides", [{}, {"negative_sampling": "random", "itm_negatives": "hard"}])
 def test_eight_devices_equal_one_device(params, overrides):
   config = _config(**overrides)
-  batch = _batch()
   mesh8 = make_mesh()
   assert mesh8.size == 8
-  (l8, m8), g8 = _loss_and_grads(config, mesh8, params, batch)
-  (l1, m1), g1 = _loss_and_grads(config, make_mesh(devices=jax.devices()[:1]), params, batch)
-  np.testing.assert_allclose(l8, l1, rtol=1e-5, atol=1e-5)
-  for k in m1:
-    np.testing.assert_allclose(m8[k], m1[k], rtol=1e-5, atol=1e-5, err_msg=k)
-  # Gradients are sums over the batch reduced across devices in another order: compare at 1e-5
-  # relative to each parameter's largest gradient (float32 summation-order noise).
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(
-      a, b, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(b).max()))), g8, g1)
+  assert_devices_agree(_run(config, mesh8, params), _run(config, one_device_mesh(), params))
 
 
-def _distill_only(stop_gradient):
+def _distill_only(stop_gradient, **overrides):
   return _config(itc_weight=0.0, itm_weight=0.0, mlm_weight=0.0, distill_warmup_steps=0,
-                 stop_gradient=stop_gradient)
+                 stop_gradient=stop_gradient, **overrides)
 
 
 def _norm(tree):
@@ -80,9 +72,9 @@ def _norm(tree):
 
 @pytest.mark.parametrize("stop_gradient", [True, False])
 def test_stop_gradient_keeps_distillation_off_the_cross_encoder(params, stop_gradient):
-  mesh = make_mesh(devices=jax.devices()[:1])
-  (loss, parts), grads = _loss_and_grads(_distill_only(stop_gradient), mesh, params, _batch())
-  assert float(parts["distill"]) > 0 and np.isclose(loss, parts["distill"])
+  out = _run(_distill_only(stop_gradient), one_device_mesh(), params)
+  assert float(out.metrics["distill"]) > 0 and np.isclose(out.loss, out.metrics["distill"])
+  grads = out.grads[STUDENT]
   cross = {k: v for k, v in grads.items() if "cross" in k.lower() or "itm" in k.lower()}
   assert cross, sorted(grads)
   if stop_gradient:
@@ -93,12 +85,36 @@ def test_stop_gradient_keeps_distillation_off_the_cross_encoder(params, stop_gra
   assert _norm(towers) > 0.0   # the student (dual encoder) always learns
 
 
-def test_offline_teacher_gets_no_gradient(params):
-  mesh = make_mesh(devices=jax.devices()[:1])
-  recipe = loopitr_method.build(_distill_only(False), mesh, steps_per_epoch=10)
-  teacher = jax.tree.map(lambda x: x * 1.01, params)
-  grad_teacher = jax.grad(lambda t: recipe.loss_fn(params, t, _batch(), jnp.asarray(5))[0])(teacher)
-  assert _norm(grad_teacher) == 0.0
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """Finished tiny runs with random params: a dual encoder (seed 7) and a LoopITR network (seed 3);
+  (root, their benchmark, the dual run's student params)."""
+  from jaxdistill.teachers.workdir import init_workdir
+  root = tmp_path_factory.mktemp("loopitr_runs")
+  bench, dual_params = init_workdir(recipe_config("dual", "tiny"), str(root / "dual"), seed=7)
+  init_workdir(recipe_config("loopitr", "tiny"), str(root / "loopitr"), seed=3)
+  return root, bench, dual_params
+
+
+@pytest.mark.parametrize("teacher", ["momentum", "offline"])
+def test_frozen_teacher_gets_no_gradient(params, runs, teacher):
+  """The momentum teacher (frozen["ema"]["student"]) and the offline run (frozen["offline"],
+  config.teachers.offline) are inputs of the loss, never differentiated, even without stop-grad."""
+  config = _distill_only(False, teacher=teacher)
+  config.teachers.offline.path = str(runs[0] / "loopitr")
+  methods.validate(config)
+  recipe = _recipe(config, one_device_mesh(), runs[1])
+  if teacher == "momentum":
+    assert dict(recipe.ema) == {STUDENT: config.loopitr.momentum} and not recipe.frozen
+    frozen = {"ema": {STUDENT: jax.tree.map(lambda x: x * 1.01, params[STUDENT])}}
+  else:
+    assert not recipe.ema and set(recipe.frozen) == {"offline"}
+    frozen = dict(recipe.frozen)
+  batch = jax.tree.map(jnp.asarray, _batch())
+  loss = lambda f: recipe.loss_fn(params, f, {}, batch, jax.random.PRNGKey(0), jnp.asarray(5))[:2]
+  (_, metrics), grad_frozen = jax.jit(jax.value_and_grad(loss, has_aux=True))(frozen)
+  assert float(metrics["distill"]) > 0
+  assert _norm(grad_frozen) == 0.0
 
 
 def test_choose_negatives_hard_and_random():
@@ -117,21 +133,44 @@ def test_distill_weight_warms_up_linearly():
   assert float(loopitr_method.distill_weight(jnp.asarray(0), 0.7, 0)) == pytest.approx(0.7)
 
 
-def test_init_towers_from_a_dual_run(tmp_path):
-  """loopitr.init_towers_from: the dual part starts as the dual-encoder run's params (towers,
-  projections, temperature); the cross encoder and heads are freshly initialised."""
-  from configs import dual as dual_config
-  from jaxdistill.teachers.workdir import init_workdir
-  dual = dual_config.get_config("tiny")
-  _, dual_params = init_workdir(dual, str(tmp_path / "dual"), seed=7)
-  config = _config(init_towers_from=str(tmp_path / "dual"))
-  config.model.vocab_size, config.model.max_len = dual.model.vocab_size, dual.model.max_len
-  recipe = loopitr_method.build(config, make_mesh(devices=jax.devices()[:1]), steps_per_epoch=4)
-  params = jax.jit(recipe.init_params)(jax.random.PRNGKey(0))
-  jax.tree.map(np.testing.assert_array_equal, params["dual"], dual_params)
-  config.loopitr.init_towers_from = ""
-  fresh = loopitr_method.build(config, make_mesh(devices=jax.devices()[:1]), 4).init_params(
-      jax.random.PRNGKey(0))
-  jax.tree.map(np.testing.assert_array_equal, params["cross"], fresh["cross"])
+def test_init_from_a_dual_run(runs):
+  """config.init_from (the trainer's initial state): the student's dual part starts as the
+  dual-encoder run's params (towers, projections, temperature); the cross encoder and heads are
+  freshly initialised, as without init_from."""
+  root, bench, dual_params = runs
+  dual = recipe_config("dual", "tiny")
+  config = _config()
+  config.model.vocab_size, config.model.max_len = bench.vocab_size, dual.model.max_len
+  mesh = one_device_mesh()
+  spec = pipeline.global_batch_spec(random_pairs(np.random.default_rng(0), B, dual.model.max_len))
+
+  def initial_params(init_from):
+    config.init_from = init_from
+    state = build_state(_recipe(config, mesh, bench), config, mesh, spec)["init"]()
+    return jax.device_get(state.params[STUDENT])
+
+  started = initial_params(({"source": f"workdir:{root / 'dual'}",
+                             "mapping": (("student/dual/", "student/"),)},))
+  jax.tree.map(np.testing.assert_array_equal, started["dual"], dual_params)
+  fresh = initial_params(())
+  jax.tree.map(np.testing.assert_array_equal, started["cross"], fresh["cross"])
   assert any(not np.array_equal(a, b) for a, b in
-             zip(jax.tree.leaves(params["dual"]), jax.tree.leaves(fresh["dual"])))
+             zip(jax.tree.leaves(started["dual"]), jax.tree.leaves(fresh["dual"])))
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("loopitr.num_negatives", 16, "--config.loopitr.num_negatives=16 needs 1 <= m < batch_size=16"),
+    ("loopitr.negative_sampling", "hardest", "--config.loopitr.negative_sampling='hardest'"),
+    ("loopitr.teacher", "frozen", "--config.loopitr.teacher='frozen' is not valid: use one of"),
+    ("model.kind", "dual", "set --config.model.kind=loopitr"),
+    ("loopitr.teacher", "offline", "--config.teachers.offline.kind=workdir needs "
+                                   "--config.teachers.offline.path"),
+])
+def test_bad_settings_name_the_key_and_the_fix(key, value, needle):
+  config = _config()
+  section, name = key.split(".")
+  config[section][name] = value
+  with pytest.raises(ConfigError) as info:
+    methods.validate(config)
+  assert needle in str(info.value)
+  methods.validate(_config())

@@ -1,2 +1,2 @@
-"""Pretrained teachers and student initialisations: Flax modules for Hugging Face / published
-checkpoint layouts and the mapping of those checkpoints onto Flax params (issue 3)."""
+"""Pretrained teachers and student initialisations: readers of Hugging Face / published
+checkpoints and the mapping of their state dicts onto the params of models/' Flax modules."""

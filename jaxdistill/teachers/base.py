@@ -1,4 +1,4 @@
-"""A teacher: frozen params + pure apply functions (issue 3; papers 001 MCAD, 002 CPRD, 003 LoopITR).
+"""A teacher: frozen params + pure apply functions (papers 001 MCAD, 002 CPRD, 003 LoopITR).
 
 Every apply function takes the params first and is wrapped by `frozen`, which puts the params
 behind `jax.lax.stop_gradient`: a loss differentiated through a teacher never produces a
