@@ -114,3 +114,19 @@ def test_checkpoint_from_data_parallel_restores_onto_fsdp(setup, tmp_path, data,
   assert int(restored.step) == STEPS
   _, got = _run(other_step, other, restored, batches[STEPS:])
   np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_teacher_shard_flag_decides_its_placement():
+  """config.teachers.<name>.shard: True -> its large params split over fsdp like the state's,
+  False -> replicated (config.sharding_rules puts a "replicated" rule first)."""
+  from jaxdistill.config import sharding_rules, teacher_section
+  from jaxdistill.parallel.sharding import tree_shardings
+  config = _config()
+  config.teachers.big = teacher_section("workdir", "unused")
+  config.teachers.small = teacher_section("workdir", "unused")
+  config.teachers.big.shard = True
+  frozen = {name: {"w": jax.ShapeDtypeStruct((256, 128), np.float32)} for name in ("big", "small")}
+  placed = tree_shardings(frozen, make_mesh(1, 8), sharding_rules(config),
+                          config.sharding.min_fsdp_size, prefix="frozen")
+  assert placed["big"]["w"].shard_shape((256, 128)) == (32, 128)
+  assert placed["small"]["w"].shard_shape((256, 128)) == (256, 128)

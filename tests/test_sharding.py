@@ -153,17 +153,17 @@ def test_scalars_are_always_replicated():
   assert tree_shardings({"n": 3}, mesh, CATCH_ALL, 0)["n"].spec == P()
 
 
-def test_default_rules_batch_and_recipe_state():
+def test_default_rules_batch_and_extra():
   mesh = make_mesh(2, 4)
   batch = {"image": jnp.zeros((16, 4, 4)), "ids": jnp.zeros((16,), jnp.int32)}
   got = tree_shardings(batch, mesh, DEFAULT_RULES, prefix="batch")
   assert got["image"].spec == P(("data", "fsdp")) and got["ids"].spec == P(("data", "fsdp"))
   assert tree_shardings(jnp.zeros((16, 3)), mesh, DEFAULT_RULES, prefix="batch").spec == \
       P(("data", "fsdp"))                    # a bare array named by the prefix alone
-  state = {"recipe_state": {"values": jnp.zeros((2**12, 8))},
+  state = {"extra": {"values": jnp.zeros((2**12, 8))},
            "params": {"w": jnp.zeros((2**12, 8))}}
   got = tree_shardings(state, mesh, DEFAULT_RULES)
-  assert got["recipe_state"]["values"].spec == P() and got["params"]["w"].spec == P("fsdp")
+  assert got["extra"]["values"].spec == P() and got["params"]["w"].spec == P("fsdp")
 
 
 def _raises(match, fn):

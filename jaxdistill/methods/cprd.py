@@ -135,7 +135,7 @@ def load_bank(bank_dir: str, train_image_ids: np.ndarray, captions_per_image: in
     raise ConfigError(f"--config.cprd.bank_dir={bank_dir}: {e}") from None
   if not cache.has_bank or sorted(cache.meta["bank"]) != ["i2t", "t2i"]:
     raise ConfigError(f"--config.cprd.bank_dir={bank_dir} has no i2t + t2i cross bank: rerun "
-                      "--mode=cache_teacher with a cross teacher (teacher.kind=workdir of a LoopITR run)")
+                      "--mode=cache_teacher with a cross teacher (--config.teachers.teacher.path=<a LoopITR run>)")
   if (cache.meta["captions_per_image"] != captions_per_image
       or not np.array_equal(np.asarray(cache.image_ids), train_image_ids)):
     raise ConfigError(f"--config.cprd.bank_dir={bank_dir} was cached for another train split "

@@ -59,7 +59,7 @@ DEFAULT_MIN_FSDP_SIZE = 2**14
 # (params, opt_state, ema_params, frozen teachers) is fsdp-split when big enough.
 DEFAULT_RULES: tuple[tuple[str, Spec], ...] = (
     (r"batch(/.*)?", BATCH),
-    (r"recipe_state(/.*)?", REPLICATED),
+    (r"extra(/.*)?", REPLICATED),
     (r".*", FSDP),
 )
 

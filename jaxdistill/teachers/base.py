@@ -64,7 +64,7 @@ def cast_params(params: Any, dtype: str) -> Any:
   bfloat16 halves a teacher's memory (the apply functions still return float32)."""
   if dtype not in DTYPES:
     raise ValueError(f"teacher dtype {dtype!r} is not valid: use one of {', '.join(DTYPES)} "
-                     "(--config.teacher.dtype)")
+                     "(--config.teachers.<name>.dtype)")
   target = jnp.dtype(dtype)
   return jax.tree.map(
       lambda x: x.astype(target) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)

@@ -47,4 +47,4 @@ def from_checkpoint(path: str, dtype: str = "float32", max_len: int = MAX_LEN) -
                                               apply(p, blip.BlipRetrieval.image_tokens, x), i, m)[:, 1],
         tokenize=tokenize)
   raise ValueError(f"{path} loads as a {type(module).__name__}; a teacher needs a CLIP or a "
-                   "BLIP / ALBEF retrieval checkpoint (--config.teacher.kind=pretrained)")
+                   "BLIP / ALBEF retrieval checkpoint (--config.teachers.<name>.kind=pretrained)")
