@@ -25,9 +25,9 @@ import sys
 import numpy as np
 import tokenizers
 
+from jaxdistill.atomic import atomic_open
 from jaxdistill.data.tokenizer import encode
 from jaxdistill.errors import JaxDistillError
-from jaxdistill.atomic import atomic_open
 
 MANIFEST = "manifest.json"
 SIGNATURE = "serving_default"

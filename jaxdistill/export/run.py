@@ -31,15 +31,14 @@ import jax
 import ml_collections
 import numpy as np
 
+from jaxdistill.atomic import write_json_atomic
 from jaxdistill.data.benchmark import TOKENIZER_FILE, Benchmark, prepare_benchmark
 from jaxdistill.data.compositional import IMAGE_MEAN, IMAGE_STD, normalize_images
-from jaxdistill.data.tokenizer import load_tokenizer, save_tokenizer
-from jaxdistill.atomic import write_json_atomic
+from jaxdistill.data.tokenizer import save_tokenizer
+from jaxdistill.errors import JaxDistillError
 from jaxdistill.evaluate.retrieval import embed_in_batches
 from jaxdistill.export import ExportError, manifest, parity, tflite
-from jaxdistill.errors import JaxDistillError
 from jaxdistill.models.build import Towers
-from jaxdistill.parallel.mesh import make_mesh
 from jaxdistill.search import MANIFEST, load_export
 from jaxdistill.store.run import load_run
 

@@ -1,4 +1,4 @@
-"""A JAX function of (params, inputs) -> a TFLite flatbuffer, the converter route of STACK.md:
+"""A JAX function of (params, inputs) -> a TFLite flatbuffer, the jax2tf converter route (docs/export.md):
 `tf.function(jax2tf.convert(fn), input_signature=...)` on a `tf.Module` ->
 `tf.lite.TFLiteConverter.from_concrete_functions`, TFLite builtin ops only. The params enter
 as `tf.Variable`s, frozen into the flatbuffer by the converter: closing over them instead

@@ -13,8 +13,6 @@ candidate owned by the row's own image (a positive) or missing from the bank is 
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import ml_collections

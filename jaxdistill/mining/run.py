@@ -20,15 +20,15 @@ import jax
 import ml_collections
 import numpy as np
 
+from jaxdistill.atomic import write_json_atomic
 from jaxdistill.data.benchmark import prepare_benchmark
 from jaxdistill.data.compositional import normalize_images
-from jaxdistill.atomic import write_json_atomic
 from jaxdistill.data.negatives import I2T_FILE, T2I_FILE, caption_ids, write_bank
+from jaxdistill.errors import JaxDistillError
 from jaxdistill.mining.embed import embed_corpus
 from jaxdistill.mining.exact import exact_top_k, neighbor_recall
 from jaxdistill.mining.scann_index import (META_FILE, Index, build_index, derive_params,
                                            load_index, save_index)
-from jaxdistill.errors import JaxDistillError
 from jaxdistill.parallel.mesh import make_mesh
 from jaxdistill.store.run import load_run
 

@@ -32,16 +32,16 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxdistill.data.benchmark import prepare_benchmark
-from jaxdistill.data.pipeline import eval_arrays
 from jaxdistill.atomic import write_json_atomic
 from jaxdistill.config import sharding_rules
+from jaxdistill.data.benchmark import prepare_benchmark
+from jaxdistill.data.pipeline import eval_arrays
 from jaxdistill.errors import JaxDistillError
 from jaxdistill.parallel.mesh import batch_sharding, make_mesh
 from jaxdistill.parallel.sharding import tree_shardings
+from jaxdistill.progress import Progress
 from jaxdistill.teachers import MultiTeacher, load_teacher
 from jaxdistill.teachers.base import Teacher
-from jaxdistill.progress import Progress
 
 FORMAT_VERSION = 1
 PHASES = ("embed", "i2t", "t2i")

@@ -37,16 +37,17 @@ def from_workdir(workdir: str, dtype: str = "float32") -> Teacher:
   tokenize = lambda texts: encode(tokenizer, list(texts), mc.max_len)
   name = f"{run.config.get('method', '?')}:{os.path.basename(os.path.normpath(workdir))}"
   t = run.towers
-  match_scores = None
-  if t.match_scores is not None:
-    def match_scores(p, images, ids, mask):
-      _, image_tokens = t.embed_image(p, images)
-      _, text_tokens = t.embed_text(p, ids, mask)
-      return t.match_scores(p, image_tokens, text_tokens, mask)
+
+  def match_scores(p, images, ids, mask):
+    _, image_tokens = t.embed_image(p, images)
+    _, text_tokens = t.embed_text(p, ids, mask)
+    return t.match_scores(p, image_tokens, text_tokens, mask)
+
   return make_teacher(name, cast_params(run.params, dtype),
                       embed_images=lambda p, images: t.embed_image(p, images)[0],
                       embed_texts=lambda p, ids, mask: t.embed_text(p, ids, mask)[0],
-                      match_scores=match_scores, tokenize=tokenize)
+                      match_scores=match_scores if t.match_scores is not None else None,
+                      tokenize=tokenize)
 
 
 def init_workdir(config: ml_collections.ConfigDict, workdir: str, seed: int = 0):

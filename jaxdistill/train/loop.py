@@ -27,11 +27,11 @@ from jaxdistill.evaluate.run import evaluate_and_report
 from jaxdistill.models.build import towers
 from jaxdistill.parallel import sharding
 from jaxdistill.parallel.mesh import make_mesh, replicated
+from jaxdistill.progress import Progress
 from jaxdistill.store.checkpoint import Checkpointer, abstract_like
 from jaxdistill.store.run import STUDENT, load_run
 from jaxdistill.train.init import apply_init_from
 from jaxdistill.train.metrics import MetricsWriter
-from jaxdistill.progress import Progress
 from jaxdistill.train.optim import make_optimizer, trainable_mask
 from jaxdistill.train.state import create_train_state
 from jaxdistill.train.step import make_train_step
