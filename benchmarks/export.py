@@ -3,10 +3,12 @@ threads, p50 / p95), and the phone's end-to-end query (text -> top-10 over a 100
 
   .venv/bin/python benchmarks/export.py --student_workdir=runs/loopitr [--quantization=none]
 
-Student: the latest checkpoint of --student_workdir (cpu preset). Teacher: the paper preset's
-towers (ViT-B-sized 12-layer image tower, 6-layer 768-wide text tower) from a random
+Student: the latest checkpoint of --student_workdir (e.g. the cpu preset), read back with its own
+config.json (export/run.py `restore_student`). Teacher: the paper preset's LoopITR towers
+(ViT-B-sized 12-layer image tower, 6-layer 768-wide text tower; models/build.py) from a random
 initialisation — size and latency do not depend on the weights. Both go through
-`export_towers` (one code path, parity checked; the teacher's on 20 test images). Latency:
+`export_towers(towers, params, ...)` (one code path, parity checked; the teacher's on 20 test
+images). Latency:
 one signature-runner call with batch 1, as the app makes it, after warm-up. End to end:
 `jaxdistill.search` (tokenizer + text model + exact top-10 by numpy) over the test split's image
 embeddings replicated to --index_size with N(0, 0.01^2) noise and re-normalised.
@@ -28,7 +30,7 @@ import time
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _STUDENT = flags.DEFINE_string("student_workdir", "runs/loopitr", "Trained student run (cpu preset).")
 _QUANT = flags.DEFINE_string("quantization", "none", "none | float16 | int8, for both models.")
@@ -40,10 +42,17 @@ _QUERIES = flags.DEFINE_integer("queries", 300, "Timed end-to-end queries.")
 
 
 def _config(preset: str, quantization: str):
-  from configs import loopitr
-  config = loopitr.get_config(preset)
+  from jaxdistill.config import load_config_file
+  config = load_config_file(os.path.join(REPO, "configs", f"loopitr.py:{preset}"))
   config.export.quantization = quantization
   return config
+
+
+def _student_bench(student_workdir: str):
+  """The student run's benchmark: its own data settings (config.json) and tokenizer."""
+  from jaxdistill.data.benchmark import prepare_benchmark
+  from jaxdistill.store.run import load_run_config
+  return prepare_benchmark(load_run_config(student_workdir, "--student_workdir"), student_workdir)
 
 
 def _export_student(directory: str):
@@ -54,17 +63,16 @@ def _export_student(directory: str):
 
 def _export_teacher(directory: str):
   import jax
-  from jaxdistill import methods
   from jaxdistill.data.benchmark import prepare_benchmark
   from jaxdistill.export.run import export_towers
-  from jaxdistill.parallel.mesh import make_mesh
+  from jaxdistill.models.build import build_model, init_params, towers
   config = _config("paper", _QUANT.value)
   bench = prepare_benchmark(config, None)
   config.model.vocab_size = bench.vocab_size
-  recipe = methods.build(config, make_mesh(), 1)
-  params = jax.jit(recipe.init_params)(jax.random.PRNGKey(0))
-  return export_towers(recipe, params, config, bench, {"recipe": recipe.name, "init": "random"},
-                       directory, parity_images=20)
+  model = build_model(config.model)
+  params = jax.jit(lambda key: init_params(model, config.model, key))(jax.random.PRNGKey(0))
+  return export_towers(towers(model), params, config, bench,
+                       {"recipe": config.method, "init": "random"}, directory, parity_images=20)
 
 
 def _percentiles(seconds: list[float]) -> dict:
@@ -105,11 +113,8 @@ def _model_inputs(directory: str, manifest: dict, which: str) -> dict:
 
 def _end_to_end(export_dir: str, student_workdir: str) -> dict:
   import numpy as np
-  from jaxdistill.data.benchmark import prepare_benchmark
   from jaxdistill.search import load_export, top_k
-  config = _config("cpu", _QUANT.value)
-  bench = prepare_benchmark(config, student_workdir)
-  split = bench.splits["test"]
+  split = _student_bench(student_workdir).splits["test"]
   exported = load_export(export_dir, num_threads=2)
   base = exported.embed_images(split.images)
   rng = np.random.default_rng(0)
@@ -136,8 +141,7 @@ def _end_to_end(export_dir: str, student_workdir: str) -> dict:
 def _search_check(export_dir: str, student_workdir: str, num_queries: int = 20) -> dict:
   import numpy as np
   from PIL import Image
-  from jaxdistill.data.benchmark import prepare_benchmark
-  split = prepare_benchmark(_config("cpu", _QUANT.value), student_workdir).splits["test"]
+  split = _student_bench(student_workdir).splits["test"]
   folder = os.path.join(_OUT.value, "test_images")
   os.makedirs(folder, exist_ok=True)
   for i, image in enumerate(split.images):

@@ -22,15 +22,13 @@ import json
 import os
 import platform
 import resource
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from jaxdistill.mining.exact import exact_top_k  # noqa: E402
-from jaxdistill.mining.scann_index import build_index, derive_params, save_index  # noqa: E402
+from jaxdistill.mining.exact import exact_top_k
+from jaxdistill.mining.scann_index import build_index, derive_params, save_index
 
 
 def clustered_corpus(n: int, dim: int, num_clusters: int, seed: int,

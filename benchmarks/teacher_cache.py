@@ -20,13 +20,12 @@ The cached row includes the host-side cache lookup. Prints a markdown table and 
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 import time
 
 from absl import app, flags, logging
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _TEACHER = flags.DEFINE_string("teacher_workdir", "", "Workdir of a trained LoopITR run; "
                                "'' = an untrained configs/teacher.py network.")
@@ -45,25 +44,24 @@ def main(argv):
   import numpy as np
   import optax
 
-  from configs import loopitr
-  from configs import teacher as teacher_config
+  from jaxdistill.config import load_config_file
   from jaxdistill.data.benchmark import prepare_benchmark
   from jaxdistill.data.pipeline import eval_arrays
   from jaxdistill.losses.contrastive import contrastive_loss
   from jaxdistill.losses.distillation import kl_divergence, listwise_distillation
   from jaxdistill.methods.loopitr import choose_negatives
-  from jaxdistill.models.loopitr import LoopITRModel, build_model, init_params
+  from jaxdistill.models.build import build_model, init_params, towers
   from jaxdistill.teachers.cache import FeatureCache, cache_split
   from jaxdistill.teachers.workdir import from_workdir, init_workdir
 
-  config = loopitr.get_config("cpu")
+  config = load_config_file(os.path.join(REPO, "configs", "loopitr.py:cpu"))
   config.data.num_train = _NUM_TRAIN.value
   b, m, workdir = _BATCH.value, _NEGATIVES.value, tempfile.mkdtemp(prefix="teacher_cache_bench_")
   teacher_dir = _TEACHER.value or os.path.join(workdir, "teacher")
   if _TEACHER.value:
     bench = prepare_benchmark(config, workdir)
   else:   # same data settings, so the same benchmark and tokenizer as the student's
-    big = teacher_config.get_config("cpu")
+    big = load_config_file(os.path.join(REPO, "configs", "teacher.py:cpu"))
     big.data.num_train = _NUM_TRAIN.value
     bench, _ = init_workdir(big, teacher_dir)
   config.model.vocab_size = bench.vocab_size
@@ -80,15 +78,14 @@ def main(argv):
   cache_seconds = time.perf_counter() - t0
 
   model = build_model(config.model)
-  mc = config.model
-  params = init_params(model, jax.random.PRNGKey(0), (mc.image_size, mc.image_size, mc.channels),
-                       mc.max_len)
+  params = init_params(model, config.model, jax.random.PRNGKey(0))
+  net = towers(model)
   tx = optax.adamw(1e-4)
 
   def student(p, batch):
-    img, _ = model.apply({"params": p}, batch["image"], method=LoopITRModel.encode_image)
-    txt, _ = model.apply({"params": p}, batch["ids"], batch["mask"], method=LoopITRModel.encode_text)
-    return img @ txt.T, model.apply({"params": p}, method=LoopITRModel.temperature)
+    img, _ = net.embed_image(p, batch["image"])
+    txt, _ = net.embed_text(p, batch["ids"], batch["mask"])
+    return img @ txt.T, net.temperature(p)
 
   def online_targets(batch, negatives):
     tp = teacher.params

@@ -14,45 +14,52 @@ from __future__ import annotations
 import os
 import platform
 import resource
-import sys
 import time
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per row (after 2 warm-up steps).")
 _PAPER_BATCH = flags.DEFINE_integer("paper_batch", 8, "Global batch of the paper-preset row.")
 
 
 def _row(name, config, steps):
+  """Builds the recipe and its jitted step as the trainer does (train/loop.py build_state +
+  make_train_step) and times it on one synthetic batch."""
+  import types
+
   import jax
   import numpy as np
   from jaxdistill import methods
-  from jaxdistill.parallel.mesh import batch_sharding, make_mesh
-  from jaxdistill.train.optim import make_optimizer
-  from jaxdistill.train.state import create_train_state
-  from jaxdistill.train.step import make_train_step, state_shardings
+  from jaxdistill.data import pipeline
+  from jaxdistill.data.tokenizer import SpecialIds
+  from jaxdistill.parallel.mesh import make_mesh
+  from jaxdistill.train.loop import build_state
+  from jaxdistill.train.step import make_train_step
 
-  mesh = make_mesh()
-  recipe = methods.build(config, mesh, steps_per_epoch=100)
-  tx = make_optimizer(config.optim, 1000)
-  make = lambda k: create_train_state(recipe.init_params(k), tx, with_ema=recipe.ema_momentum > 0)
-  shardings = state_shardings(mesh, jax.eval_shape(make, jax.random.PRNGKey(0)))
-  state = jax.jit(make, out_shardings=shardings)(jax.random.PRNGKey(0))
+  mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
+  # The recipe reads only the tokenizer's special ids from the benchmark (LoopITR's MLM masking).
+  bench = types.SimpleNamespace(special_ids=SpecialIds())
+  recipe = methods.build(config, mesh, bench, steps_per_epoch=100)
   b, mc = config.batch_size, config.model
   rng = np.random.default_rng(0)
-  ids = rng.integers(5, mc.vocab_size, (b, mc.max_len)).astype(np.int32)
-  ids[:, 0] = 2
-  batch = jax.device_put({
+  ids = rng.integers(SpecialIds().first_word, mc.vocab_size, (b, mc.max_len)).astype(np.int32)
+  ids[:, 0] = SpecialIds().cls
+  host_batch = {
       "image": rng.normal(size=(b, mc.image_size, mc.image_size, mc.channels)).astype(np.float32),
       "text_ids": ids, "text_mask": np.ones((b, mc.max_len), np.int32),
-      "image_id": np.arange(b, dtype=np.int32)}, batch_sharding(mesh))
-  jitted = make_train_step(recipe, tx, mesh, shardings)
-  memory = jitted.lower(state, batch, None).compile().memory_analysis()
+      "image_id": np.arange(b, dtype=np.int32)}
+  built = build_state(recipe, config, mesh, pipeline.global_batch_spec(host_batch))
+  shardings = built["shardings"]
+  state = built["init"]()
+  batch = pipeline.to_global_batch(host_batch, shardings["batch"])
+  frozen = jax.device_put(recipe.frozen, shardings["frozen"])
+  jitted = make_train_step(recipe.loss_fn, built["tx"], dict(recipe.ema), built["trainable"],
+                           shardings)
+  memory = jitted.lower(state, batch, frozen).compile().memory_analysis()
   step_bytes = (memory.argument_size_in_bytes + memory.output_size_in_bytes
                 + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
-  step = lambda s, b: jitted(s, b, None)
+  step = lambda s, b: jitted(s, b, frozen)
   t0 = time.perf_counter()
   state, metrics = step(state, batch)
   jax.block_until_ready(metrics)
@@ -71,16 +78,16 @@ def _row(name, config, steps):
 
 def main(argv):
   del argv
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from configs import loopitr
+  from jaxdistill.config import load_config_file
+  loopitr = lambda preset: load_config_file(os.path.join(REPO, "configs", f"loopitr.py:{preset}"))
   rows = []
-  cpu = loopitr.get_config("cpu")
+  cpu = loopitr("cpu")
   rows.append(_row("cpu preset, m=4", cpu, _STEPS.value))
   for m in (4, 31):   # paper 003 Table 1 setting: batch 32, m=4 vs all 31 in-batch negatives
-    small = loopitr.get_config("cpu")
+    small = loopitr("cpu")
     small.batch_size, small.loopitr.num_negatives = 32, m
     rows.append(_row(f"cpu preset, m={m}", small, _STEPS.value))
-  paper = loopitr.get_config("paper")
+  paper = loopitr("paper")
   paper.batch_size = _PAPER_BATCH.value
   rows.append(_row(f"paper preset, batch {paper.batch_size}", paper, max(2, _STEPS.value // 5)))
   peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

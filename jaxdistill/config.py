@@ -267,6 +267,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, mode: str = "t
                         "be at least 1 (1 for a phone, e.g. 32 for indexing)")
   if "mining" in config:
     _validate_mining(config)
+  if mode == "train":
+    _validate_init_from(config)
 
 
 def _validate_mesh(config, n: int) -> None:
@@ -278,6 +280,24 @@ def _validate_mesh(config, n: int) -> None:
     raise ConfigError(f"--config.mesh.data * --config.mesh.fsdp = {data} * {fsdp} must equal the "
                       f"{n} devices: set --config.mesh.data={n // fsdp} (or -1: all devices left "
                       "after fsdp)")
+
+
+def _validate_init_from(config) -> None:
+  """Each init_from source reads KIND:PATH with an existing PATH and has a mapping (the
+  sources are read only when the run does not resume; train/init.py checks the rest)."""
+  for i, entry in enumerate(config.init_from):
+    key = f"--config.init_from[{i}]"
+    source = entry.get("source", "") if hasattr(entry, "get") else ""
+    kind, sep, path = source.partition(":")
+    if not sep or kind not in ("workdir", "pretrained") or not path:
+      raise ConfigError(f"{key} source {source!r} must read workdir:PATH (an earlier run) or "
+                        "pretrained:PATH (a local checkpoint directory)")
+    if not os.path.exists(path):
+      raise ConfigError(f"{key} source {source!r}: {path} does not exist; train that stage first "
+                        "or fix the path")
+    if not entry.get("mapping"):
+      raise ConfigError(f"{key} has no mapping: give ((destination regex, source prefix), ...), "
+                        "e.g. (('student/', 'student/'),)")
 
 
 def _validate_mining(config) -> None:

@@ -6,16 +6,23 @@ import sys
 
 import pytest
 
+from conftest import recipe_config
+from jaxdistill import methods
 from jaxdistill.config import ConfigError, suggest_key, validate
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
-from configs import loopitr  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _validate(config, num_devices=8, mode="train"):
+  """What jaxdistill.main checks before anything is built: the shared sections, and for
+  --mode=train the recipe's own section and the teachers it reads."""
+  validate(config, num_devices, mode)
+  if mode == "train":
+    methods.validate(config)
+
+
 def _config(**overrides):
-  c = loopitr.get_config("tiny")
+  c = recipe_config("loopitr")
   for key, value in overrides.items():
     node = c
     *parents, leaf = key.split(".")
@@ -26,16 +33,31 @@ def _config(**overrides):
 
 
 def test_default_presets_validate():
+  for preset in ("tiny", "cpu", "paper"):
+    _validate(recipe_config("loopitr", preset))
+  for name in ("dual", "cprd"):
+    for preset in ("tiny", "cpu"):
+      config = recipe_config(name, preset)
+      if name == "cprd":   # the online teacher must exist: any existing path passes validation
+        config.teachers.teacher.path = REPO
+      _validate(config)
   for preset in ("tiny", "cpu"):
-    validate(loopitr.get_config(preset), num_devices=8)
-  validate(loopitr.get_config("paper"), num_devices=8)
-  from configs import teacher
+    _validate(recipe_config("lit_teacher", preset))
   for preset in ("tiny", "dual", "short", "cpu"):
-    validate(teacher.get_config(preset), num_devices=8)
-  cross = teacher.get_config("cross")              # starts from the :dual run's towers
-  cross.loopitr.init_towers_from = "/no/such/run"
-  with pytest.raises(ConfigError, match="init_towers_from='/no/such/run' holds no checkpoints"):
-    validate(cross, num_devices=8)
+    _validate(recipe_config("teacher", preset))
+  # The cross preset starts from the :dual run's towers (config.init_from): a source that does
+  # not exist stops the run before anything is built, naming the entry and the fix.
+  cross = recipe_config("teacher", "cross")
+  assert cross.init_from[0]["source"] == "workdir:runs/teacher_dual"
+  cross.init_from = (dict(cross.init_from[0], source="workdir:/no/such/run"),)
+  with pytest.raises(ConfigError, match=r"init_from\[0\] source 'workdir:/no/such/run': "
+                                        "/no/such/run does not exist"):
+    _validate(cross)
+  cross.init_from = (dict(cross.init_from[0], source=f"workdir:{REPO}"),)
+  _validate(cross)
+  cross.init_from = (dict(cross.init_from[0], source=REPO),)
+  with pytest.raises(ConfigError, match="must read workdir:PATH"):
+    _validate(cross)
 
 
 @pytest.mark.parametrize("key,value,needle", [
@@ -44,52 +66,86 @@ def test_default_presets_validate():
     ("loopitr.num_negatives", 0, "--config.loopitr.num_negatives=0"),
     ("loopitr.teacher", "frozen", "--config.loopitr.teacher='frozen'"),
     ("data.fashion_mnist_dir", "/no/such/dir", "/no/such/dir"),
-    ("loopitr.teacher", "offline", "--config.loopitr.offline_workdir"),
+    ("loopitr.teacher", "offline",
+     "--config.teachers.offline.kind=workdir needs --config.teachers.offline.path"),
+    ("mesh.fsdp", 3, "--config.mesh.fsdp=3 must divide the 8 devices: use one of [1, 2, 4, 8]"),
+    ("mesh.data", 2, "--config.mesh.data * --config.mesh.fsdp = 2 * 1 must equal the 8 devices"),
+    ("model.kind", "dual", "--config.model.kind='dual': the LoopITR recipe trains a LoopITR"),
 ])
 def test_invalid_values_name_the_key(key, value, needle):
   with pytest.raises(ConfigError, match=".*") as info:
-    validate(_config(**{key: value}), num_devices=8)
+    _validate(_config(**{key: value}))
   assert needle in str(info.value)
 
 
 def test_suggest_key_finds_typo():
-  assert suggest_key(loopitr.get_config("tiny"), "batch_sise") == "did you mean --config.batch_size?"
-  assert "loopitr.num_negatives" in suggest_key(loopitr.get_config("tiny"), "loopitr.num_negatvies")
+  assert suggest_key(recipe_config("loopitr"), "batch_sise") == "did you mean --config.batch_size?"
+  assert "loopitr.num_negatives" in suggest_key(recipe_config("loopitr"), "loopitr.num_negatvies")
+  assert "teachers.teacher.path" in suggest_key(recipe_config("cprd"), "teachers.teacher.pth")
 
 
-def _cli(*args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "jaxdistill.main", "--config=configs/loopitr.py:tiny",
-                         "--workdir=/tmp/jaxdistill-unused", *args], cwd=REPO, env=env,
+def _cli(workdir, *args, config="loopitr"):
+  """`python -m jaxdistill.main` on configs/<config>.py:tiny with 8 CPU devices."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  return subprocess.run([sys.executable, "-m", "jaxdistill.main", f"--config=configs/{config}.py:tiny",
+                         f"--workdir={workdir}", *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--config.batch_sise=8"], "unknown config key --config.batch_sise: did you mean --config.batch_size?"),
-    (["--config.batch_size=12"], "not divisible by the 8 devices"),
-    (["--config.loopitr.num_negatives=16"], "needs 1 <= m < batch_size=16"),
-    (["--config.data.fashion_mnist_dir=/no/such/dir"], "--config.data.fashion_mnist_dir='/no/such/dir'"),
+# One process per error (each run stops at its first error); every one must end in one
+# `error: ...` line with exit code 2, no traceback and nothing written to the workdir.
+@pytest.mark.parametrize("config,args,needle", [
+    ("loopitr", ["--config.batch_sise=8"],
+     "unknown config key --config.batch_sise: did you mean --config.batch_size?"),
+    ("loopitr", ["--config.batch_size=12"], "not divisible by the 8 devices"),
+    ("loopitr", ["--config.loopitr.num_negatives=16"], "needs 1 <= m < batch_size=16"),
+    ("loopitr", ["--config.data.fashion_mnist_dir=/no/such/dir"],
+     "--config.data.fashion_mnist_dir='/no/such/dir'"),
+    ("loopitr", ["--config.mesh.fsdp=3"],
+     "--config.mesh.fsdp=3 must divide the 8 devices: use one of [1, 2, 4, 8]"),
+    ("dual", ["--mode=mine"], "--mode=mine needs --config.mining.tower_workdir"),
+    ("cprd", ["--mode=cache_teacher", "--config.teachers.teacher.path=/no/such/run"],
+     "--config.teachers.teacher.path='/no/such/run' does not exist"),
 ])
-def test_cli_errors_are_one_line(args, needle):
-  result = _cli(*args)
+def test_cli_errors_are_one_line(tmp_path, config, args, needle):
+  workdir = tmp_path / "run"
+  result = _cli(workdir, *args, config=config)
   assert result.returncode == 2, result.stderr
   lines = [l for l in result.stderr.strip().splitlines() if l.strip()]
+  assert len(lines) == 1, result.stderr
   assert lines[-1].startswith("error: ") and needle in lines[-1], result.stderr
   assert "Traceback" not in result.stderr
-  assert not os.path.exists("/tmp/jaxdistill-unused/checkpoints")
+  assert not workdir.exists()
 
 
-def test_teacher_section_checked_only_where_a_teacher_is_loaded():
-  """The teacher section is validated for --mode=cache_teacher and online CPRD; an offline CPRD
-  run (scores from the bank) or ITC alone needs no teacher."""
-  from configs import cprd
-  config = cprd.get_config("tiny")            # teacher.kind=workdir, teacher.path=""
-  with pytest.raises(ConfigError, match="teacher.kind=workdir needs --config.teacher.path"):
-    validate(config, num_devices=8)
-  with pytest.raises(ConfigError, match="teacher.path"):
-    validate(config, num_devices=8, mode="cache_teacher")
+def test_teacher_section_checked_only_where_a_teacher_is_loaded(tmp_path):
+  """config.teachers sections are validated where they are read: --mode=cache_teacher (the
+  teacher_cache.teacher section) and online CPRD; an offline CPRD run (scores from the bank) or
+  ITC alone needs no teacher."""
+  config = recipe_config("cprd")               # teachers.teacher: kind=workdir, path=""
+  validate(config, num_devices=8)              # the shared sections read no teacher
+  with pytest.raises(ConfigError, match="cprd.distill=cprd needs a frozen teacher: set "
+                     "--config.teachers.teacher.kind=workdir --config.teachers.teacher.path"):
+    _validate(config)
+  with pytest.raises(ConfigError, match="teachers.teacher.kind=workdir needs "
+                     "--config.teachers.teacher.path"):
+    _validate(config, mode="cache_teacher")
+  config.teachers.teacher.path = str(tmp_path / "missing")
+  with pytest.raises(ConfigError, match="teachers.teacher.path='.*missing' does not exist"):
+    _validate(config)
+  offline = recipe_config("cprd")              # offline CPRD: the bank, no teacher
+  (tmp_path / "meta.json").write_text("{}")
+  offline.cprd.bank_dir = str(tmp_path)
+  _validate(offline)
+  assert methods.recipe_module(offline).teacher_names(offline) == ()
   config.cprd.distill = "none"
-  validate(config, num_devices=8)
-  config.teacher.kind = "clip"
-  with pytest.raises(ConfigError, match="teacher.kind='clip'"):
-    validate(config, num_devices=8, mode="cache_teacher")
+  _validate(config)
+  config.teachers.teacher.kind = "clip"
+  with pytest.raises(ConfigError, match="teachers.teacher.kind='clip'"):
+    _validate(config, mode="cache_teacher")
+  config.teacher_cache.teacher = ""
+  with pytest.raises(ConfigError, match="cache_teacher needs --config.teacher_cache.teacher"):
+    _validate(config, mode="cache_teacher")
+  config.teacher_cache.teacher = "nobody"
+  with pytest.raises(ConfigError, match="--config.teachers.nobody is missing"):
+    _validate(config, mode="cache_teacher")

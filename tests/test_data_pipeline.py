@@ -132,17 +132,29 @@ def test_eval_arrays(split, tokens):
 
 
 def test_to_global_batch_on_an_8_device_mesh(split, tokens):
+  """Each field is placed with its own sharding: the trainer's "batch/<field>" rules (batch dim
+  over data x fsdp) give 8 row blocks in order; a field given another sharding keeps it."""
+  from jaxdistill.config import base_config, sharding_rules
+  from jaxdistill.parallel.mesh import BATCH_AXES, make_mesh, replicated
+  from jaxdistill.parallel.sharding import tree_shardings
   assert jax.device_count() == 8
-  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  mesh = make_mesh(data=2, fsdp=4)
   batch = _batches(split, tokens, 1)[0]
-  arrays = pipeline.to_global_batch(batch, sharding)
+  config = base_config("tiny")
+  shardings = tree_shardings(pipeline.global_batch_spec(batch), mesh, sharding_rules(config),
+                             config.sharding.min_fsdp_size, prefix="batch")
+  arrays = pipeline.to_global_batch(batch, shardings)
   assert set(arrays) == set(batch)
   for key, value in arrays.items():
     assert value.shape == batch[key].shape and value.dtype == batch[key].dtype
-    assert value.sharding.spec == jax.sharding.PartitionSpec("data")
+    assert value.sharding.spec == jax.sharding.PartitionSpec(BATCH_AXES)
     np.testing.assert_array_equal(np.asarray(value), batch[key])
     shards = sorted(value.addressable_shards, key=lambda s: s.index[0].start)
     assert len(shards) == 8
     for k, shard in enumerate(shards):
       np.testing.assert_array_equal(np.asarray(shard.data), batch[key][2 * k:2 * k + 2])
+  mixed = pipeline.to_global_batch(batch, dict(shardings, image_id=replicated(mesh)))
+  assert mixed["image_id"].sharding.is_fully_replicated
+  for shard in mixed["image_id"].addressable_shards:
+    np.testing.assert_array_equal(np.asarray(shard.data), batch["image_id"])
+  assert mixed["image"].sharding.spec == jax.sharding.PartitionSpec(BATCH_AXES)

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdistill.evaluate.binding import binding_accuracy
 from jaxdistill.atomic import write_json_atomic
+from jaxdistill.evaluate.binding import binding_accuracy
 from jaxdistill.evaluate.report import format_table
 from jaxdistill.evaluate.rerank import rerank_recall
 from jaxdistill.evaluate.retrieval import (embed_in_batches, gold_ranks, recall_at_k,
@@ -294,3 +294,47 @@ def test_write_json_atomic_replaces_and_leaves_no_temp(tmp_path):
   assert os.listdir(tmp_path) == ["eval.json"]
   with pytest.raises(FileNotFoundError, match="does not exist"):
     write_json_atomic(str(tmp_path / "missing" / "eval.json"), {})
+
+
+def test_evaluate_and_report_on_towers(tmp_path):
+  """evaluate_and_report(towers, params, ...) on the tiny benchmark with a random dual network:
+  the dual row is recall_at_k of the towers' own embeddings; a network without match_scores has
+  no rerank row; with match_scores = the dual cosine (carried in the tokens) re-ranking the top-k
+  changes nothing, so the rerank row (and its binding) equals the dual row."""
+  import jax
+  from conftest import recipe_config
+  from jaxdistill.data.benchmark import prepare_benchmark
+  from jaxdistill.data.pipeline import eval_arrays
+  from jaxdistill.evaluate.run import evaluate_and_report
+  from jaxdistill.models.build import Towers, build_model, init_params, towers
+  config = recipe_config("dual")
+  bench = prepare_benchmark(config, str(tmp_path))
+  config.model.vocab_size = bench.vocab_size
+  model = build_model(config.model)
+  params = init_params(model, config.model, jax.random.PRNGKey(0))
+  dual = towers(model)
+  arrays = eval_arrays(bench.splits["test"], *bench.tokens["test"])
+  img = np.asarray(dual.embed_image(params, arrays["image"])[0])
+  txt = np.asarray(dual.embed_text(params, arrays["text_ids"], arrays["text_mask"])[0])
+  want = recall_at_k(similarity_matrix(img, txt), arrays["caption_to_image"])
+
+  results = evaluate_and_report(dual, params, bench, config, split="test", verbose=False)
+  assert results["split"] == "test" and list(results) == ["split", "dual"]
+  for key, value in want.items():
+    assert results["dual"][key] == pytest.approx(value, abs=1e-9), key
+  assert 0.0 <= results["dual"]["binding"] <= 100.0
+
+  def with_tokens(embed):   # (emb, tokens) -> (emb, emb as the only token)
+    def fn(p, *inputs, rngs=None):
+      emb = embed(p, *inputs, rngs=rngs)[0]
+      return emb, emb[:, None, :]
+    return fn
+
+  cosine_cross = Towers(embed_image=with_tokens(dual.embed_image),
+                        embed_text=with_tokens(dual.embed_text), temperature=dual.temperature,
+                        match_scores=lambda p, it, tt, mask: jnp.sum(it[:, 0] * tt[:, 0], -1))
+  results = evaluate_and_report(cosine_cross, params, bench, config, split="test", verbose=False)
+  rerank = results[f"dual+rerank@{config.eval.rerank_k}"]
+  for key in want:
+    assert rerank[key] == pytest.approx(results["dual"][key], abs=1e-9), key
+  assert rerank["binding"] == pytest.approx(results["dual"]["binding"], abs=1e-9)

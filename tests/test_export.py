@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,24 +15,23 @@ import numpy as np
 import pytest
 from ai_edge_litert.interpreter import Interpreter
 
+from conftest import recipe_config
 from jaxdistill import methods
 from jaxdistill.config import ConfigError, validate
 from jaxdistill.data.benchmark import prepare_benchmark
 from jaxdistill.data.compositional import IMAGE_MEAN, IMAGE_STD
 from jaxdistill.export import ExportError, parity
 from jaxdistill.export import run as export_run
-from jaxdistill.parallel.mesh import make_mesh
-from jaxdistill.train.loop import train_and_evaluate
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
-from configs import loopitr  # noqa: E402
+from jaxdistill.models.build import build_model, init_params, towers
+from jaxdistill.store.checkpoint import Checkpointer
+from jaxdistill.store.run import STUDENT
 
 NUM_CHECK = 16   # test images (and their first captions) embedded here independently
 QUANTIZATIONS = ("none", "float16", "int8")
 
 
 def _config(quantization="none"):
-  c = loopitr.get_config("tiny")
+  c = recipe_config("loopitr")
   c.train.num_steps = 2
   c.train.checkpoint_every = 2
   c.export.quantization = quantization
@@ -43,7 +41,7 @@ def _config(quantization="none"):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("run"))
-  train_and_evaluate(_config(), workdir)
+  methods.train(_config(), workdir)
   return workdir
 
 
@@ -68,18 +66,20 @@ def _leftovers(workdir):
 
 def _reference(workdir):
   """JAX embeddings of NUM_CHECK test images and their first captions, with inputs, computed
-  from the checkpoint and the model here (normalisation written out: (x/255 - mean) / std)."""
+  from the raw checkpoint and the model built here from the test's config (not the export's
+  restore path; normalisation written out: (x/255 - mean) / std)."""
   config = _config()
   bench = prepare_benchmark(config, workdir)
   config.model.vocab_size = bench.vocab_size
-  recipe = methods.build(config, make_mesh(), 1)
-  params, _ = export_run.restore_params(
-      workdir, jax.eval_shape(recipe.init_params, jax.random.PRNGKey(0)))
+  student = towers(build_model(config.model))
+  checkpointer = Checkpointer(workdir)
+  params = checkpointer.restore_raw(2)["params"][STUDENT]
+  checkpointer.close()
   images = bench.splits["test"].images[:NUM_CHECK]
   x = ((images.astype(np.float32) / 255.0 - IMAGE_MEAN) / IMAGE_STD)[..., None]
   ids, mask = (t[:NUM_CHECK, 0] for t in bench.tokens["test"])
-  return (x, ids, mask, np.asarray(recipe.embed_image(params, jnp.asarray(x))[0]),
-          np.asarray(recipe.embed_text(params, ids, mask)[0]))
+  return (x, ids, mask, np.asarray(student.embed_image(params, jnp.asarray(x))[0]),
+          np.asarray(student.embed_text(params, ids, mask)[0]))
 
 
 def _tflite(path, batch, **inputs):
@@ -149,16 +149,27 @@ def test_missing_workdir_is_one_clear_error(tmp_path):
   with pytest.raises(ExportError, match="does not exist.*train first"):
     export_run.run(_config(), str(missing))
   assert not missing.exists()
+  # A directory with checkpoints/ but no run config: store.run's error, through restore_student.
+  (tmp_path / "bare" / "checkpoints").mkdir(parents=True)
+  with pytest.raises(ExportError, match="holds no config.json"):
+    export_run.restore_student(_config(), str(tmp_path / "bare"))
+  assert not (tmp_path / "bare" / "export").exists() and _leftovers(tmp_path / "bare") == []
 
 
-def test_incompatible_checkpoint_leaves_export_untouched(trained, exports):
-  before = open(os.path.join(trained, "export", "manifest.json")).read()
-  config = _config()
-  config.model.embed_dim = 16
-  with pytest.raises(ExportError, match=r"does not fit.*32.* in the checkpoint.*16.*preset 'tiny'"):
-    export_run.run(config, trained)
-  assert open(os.path.join(trained, "export", "manifest.json")).read() == before
-  assert _leftovers(trained) == []
+def test_incompatible_checkpoint_leaves_export_untouched(trained, exports, tmp_path):
+  """The network is built from the run's own config.json: one that does not fit the run's
+  checkpoint (embed_dim 16 vs 32) is one ExportError naming the param and both shapes."""
+  workdir = tmp_path / "copy"
+  shutil.copytree(trained, workdir)
+  before = (workdir / "export" / "manifest.json").read_text()
+  run_config = json.loads((workdir / "config.json").read_text())
+  run_config["model"]["embed_dim"] = 16
+  (workdir / "config.json").write_text(json.dumps(run_config))
+  with pytest.raises(ExportError, match=r"checkpoint .*/2: param .*'image_projection'.* has "
+                     r"shape \(32,\), expected \(16,\): this run's model config must match"):
+    export_run.run(_config(), str(workdir))
+  assert (workdir / "export" / "manifest.json").read_text() == before
+  assert _leftovers(workdir) == []
 
 
 def test_corrupt_checkpoint_is_one_clear_error(trained, tmp_path):
@@ -179,18 +190,19 @@ def test_unconvertible_op_and_missed_parity_leave_nothing(trained, tmp_path, mon
   config = _config()
   bench = prepare_benchmark(config, trained)
   config.model.vocab_size = bench.vocab_size
-  recipe = methods.build(config, make_mesh(), 1)
-  params = recipe.init_params(jax.random.PRNGKey(1))
+  model = build_model(config.model)
+  student = towers(model)
+  params = init_params(model, config.model, jax.random.PRNGKey(1))
   out = tmp_path / "export"
-  sorting = dataclasses.replace(
-      recipe, embed_image=lambda p, x: (jnp.sort(recipe.embed_image(p, x)[0], axis=-1), None))
+  sorting = dataclasses.replace(student, embed_image=lambda p, x, rngs=None: (
+      jnp.sort(student.embed_image(p, x)[0], axis=-1), None))
   with pytest.raises(ExportError, match="cannot convert the image encoder.*unsupported ops.*sort"):
     export_run.export_towers(sorting, params, config, bench, {}, str(out))
   assert os.listdir(tmp_path) == []
 
   monkeypatch.setitem(parity.COSINE_MIN, "none", 1.5)   # a bar no export can meet
   with pytest.raises(ExportError, match="fails parity: image cosine min"):
-    export_run.export_towers(recipe, params, config, bench, {}, str(out), parity_images=8)
+    export_run.export_towers(student, params, config, bench, {}, str(out), parity_images=8)
   assert os.listdir(tmp_path) == []
 
 

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdistill.evaluate.ann import ann_recall, ranks_from_lists
 from jaxdistill.data.negatives import Bank, MISSING, caption_ids, write_bank
+from jaxdistill.evaluate.ann import ann_recall, ranks_from_lists
 from jaxdistill.mining.embed import embed_corpus
 from jaxdistill.mining.exact import drop_positives, exact_top_k
 from jaxdistill.mining.scann_index import build_index, derive_params, load_index, save_index

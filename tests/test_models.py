@@ -13,7 +13,8 @@ import pytest
 from jaxdistill.models.cross import CrossEncoder, ITMHead, MLMHead
 from jaxdistill.models.dual import DualEncoder
 from jaxdistill.models.layers import Encoder, TransformerLayer
-from jaxdistill.models.loopitr import LoopITRModel, build_model, init_params
+from jaxdistill.models.build import build_model, init_params
+from jaxdistill.models.loopitr import LoopITRModel
 from jaxdistill.models.text import TextEncoder
 from jaxdistill.models.vit import ViT
 
@@ -39,7 +40,7 @@ def tiny_model_cfg(**overrides) -> ml_collections.ConfigDict:
       text_width=24, text_layers=1, text_heads=2, text_mlp=32,
       cross_width=32, cross_layers=1, cross_heads=2, cross_mlp=32,
       vocab_size=50, max_len=8, embed_dim=12, image_pool="concat",
-      temperature_init=0.07, dropout_rate=0.0))
+      temperature_init=0.07, dropout_rate=0.0, kind="loopitr"))
   cfg.update(overrides)
   return cfg
 
@@ -242,8 +243,10 @@ def _param_count(tree) -> int:
 
 
 def test_init_params_creates_every_submodule():
-  model = build_model(tiny_model_cfg())
-  params = jax.eval_shape(lambda k: init_params(model, k, (56, 56, 1), 8), KEY)
+  cfg = tiny_model_cfg()
+  model = build_model(cfg)
+  assert isinstance(model, LoopITRModel)
+  params = jax.eval_shape(lambda k: init_params(model, cfg, k), KEY)
   assert set(params) == {"dual", "image_to_cross", "text_to_cross", "cross", "itm_head",
                          "mlm_head"}
   assert set(params["dual"]) == {"image_encoder", "text_encoder", "image_projection",
@@ -254,8 +257,9 @@ def test_init_params_creates_every_submodule():
   assert params["text_to_cross"]["kernel"].shape == (24, 32)
   assert params["mlm_head"]["decoder"]["kernel"].shape == (32, 50)
   # Equal widths: no cross projections.
-  same = build_model(tiny_model_cfg(vision_width=32, text_width=32))
-  same_params = jax.eval_shape(lambda k: init_params(same, k, (56, 56, 1), 8), KEY)
+  same_cfg = tiny_model_cfg(vision_width=32, text_width=32)
+  same = build_model(same_cfg)
+  same_params = jax.eval_shape(lambda k: init_params(same, same_cfg, k), KEY)
   assert "image_to_cross" not in same_params and "text_to_cross" not in same_params
 
 
@@ -265,7 +269,7 @@ def test_cpu_preset_param_count():
                        cross_width=128, cross_layers=2, cross_heads=4, cross_mlp=256,
                        vocab_size=256, max_len=32, embed_dim=128)
   model = build_model(cfg)
-  params = jax.eval_shape(lambda k: init_params(model, k, (56, 56, 1), 32), KEY)
+  params = jax.eval_shape(lambda k: init_params(model, cfg, k), KEY)
   counts = {name: _param_count(sub) for name, sub in params.items()}
   total = _param_count(params)
   print(f"CPU preset: {total:,} params; {counts}")
@@ -281,14 +285,17 @@ def test_build_model_names_missing_field():
   del cfg["cross_width"]
   with pytest.raises(ValueError, match="config.model.cross_width"):
     build_model(cfg)
-  with pytest.raises(ValueError, match="model.dtype"):
+  with pytest.raises(ValueError, match="model dtype 'float16' is not valid"):
     build_model(tiny_model_cfg(dtype="float16"))
+  with pytest.raises(ValueError, match="--config.model.kind='mcad' is unknown"):
+    build_model(tiny_model_cfg(kind="mcad"))
 
 
 @pytest.fixture(scope="module")
 def tiny_model_and_params():
-  model = build_model(tiny_model_cfg())
-  params = jax.jit(lambda k: init_params(model, k, (56, 56, 1), 8))(KEY)
+  cfg = tiny_model_cfg()
+  model = build_model(cfg)
+  params = jax.jit(lambda k: init_params(model, cfg, k))(KEY)
   return model, params
 
 

@@ -11,8 +11,8 @@ import sys
 import matplotlib.image
 import pytest
 
-from jaxdistill.evaluate import plots
 from jaxdistill.atomic import write_json_atomic
+from jaxdistill.evaluate import plots
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

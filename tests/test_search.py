@@ -14,16 +14,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxdistill import methods
+from conftest import recipe_config
 from jaxdistill.data.benchmark import prepare_benchmark
 from jaxdistill.data.compositional import normalize_images
 from jaxdistill.evaluate.retrieval import recall_at_k
 from jaxdistill.export.run import export_towers
-from jaxdistill.parallel.mesh import make_mesh
+from jaxdistill.models.build import build_model, init_params, towers
 from jaxdistill.search import SearchError, load_export, load_index, top_k
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
-from configs import loopitr  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_QUERIES = 20
@@ -33,12 +30,13 @@ NUM_QUERIES = 20
 def setup(tmp_path_factory):
   """(export dir, image dir, bench, JAX image emb [64, E], JAX text emb [320, E])."""
   root = tmp_path_factory.mktemp("search")
-  config = loopitr.get_config("tiny")
+  config = recipe_config("loopitr")
   bench = prepare_benchmark(config, str(root))
   config.model.vocab_size = bench.vocab_size
-  recipe = methods.build(config, make_mesh(), 1)
-  params = recipe.init_params(jax.random.PRNGKey(3))
-  export_towers(recipe, params, config, bench, {"recipe": "loopitr"}, str(root / "export"),
+  model = build_model(config.model)
+  student = towers(model)
+  params = init_params(model, config.model, jax.random.PRNGKey(3))
+  export_towers(student, params, config, bench, {"recipe": "loopitr"}, str(root / "export"),
                 parity_images=8)
   images = root / "images"
   images.mkdir()
@@ -46,8 +44,8 @@ def setup(tmp_path_factory):
     Image.fromarray(image).save(images / f"{i:03d}.png")
   ids, mask = (t.reshape(-1, t.shape[-1]) for t in bench.tokens["test"])
   images_normalized = normalize_images(bench.splits["test"].images)
-  jax_image = np.asarray(recipe.embed_image(params, images_normalized)[0])
-  jax_text = np.asarray(recipe.embed_text(params, ids, mask)[0])
+  jax_image = np.asarray(student.embed_image(params, images_normalized)[0])
+  jax_text = np.asarray(student.embed_text(params, ids, mask)[0])
   return str(root / "export"), str(images), bench, jax_image, jax_text
 
 

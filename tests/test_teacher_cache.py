@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from jaxdistill.data.pipeline import eval_arrays
-from jaxdistill.teachers.cache import FeatureCache, cache_split
+from jaxdistill.teachers.cache import CacheError, FeatureCache, cache_split
 from jaxdistill.teachers.workdir import from_workdir
 from tests.test_teachers import tiny_run  # noqa: F401 - the shared session fixture
 
@@ -77,6 +77,9 @@ def test_round_trip_keyed_by_id(setup, tmp_path):
     load_bank(str(tmp_path / "test"), data["image_ids"] + 1, 5)
   with pytest.raises(ConfigError, match="no i2t \\+ t2i cross bank"):
     load_bank(str(tmp_path / "i2t" / "test"), data["image_ids"], 5)
+  from jaxdistill.errors import JaxDistillError
+  with pytest.raises(JaxDistillError, match="no finished teacher cache at .*/nowhere"):
+    load_bank(str(tmp_path / "nowhere"), data["image_ids"], 5)
 
 
 def test_interrupted_run_resumes_to_the_same_cache(setup, tmp_path):
@@ -94,12 +97,12 @@ def test_interrupted_run_resumes_to_the_same_cache(setup, tmp_path):
   with pytest.raises(RuntimeError, match="injected"):
     _cache(teacher, data, out, cross=dataclasses.replace(teacher, match_scores=failing))
   assert not out.exists()                                   # nothing visible under the final name
-  with pytest.raises(FileNotFoundError, match="unfinished cache"):
+  with pytest.raises(CacheError, match="unfinished cache"):
     FeatureCache(str(out))
   progress = json.loads((out.parent / ".test.partial" / "progress.json").read_text())
   assert progress["done"]["embed"] == N and progress["done"]["i2t"] == N
   assert 0 < progress["done"]["t2i"] < N * 5
-  with pytest.raises(ValueError, match="delete"):   # other settings never continue this partial cache
+  with pytest.raises(CacheError, match="delete"):   # other settings never continue this partial cache
     _cache(teacher, data, out, top_n=2)
   lines = []
   resumed = FeatureCache(_cache(teacher, data, out, log=lines.append))
@@ -123,9 +126,10 @@ def test_sigkill_then_rerun_of_cache_teacher_mode(setup, tmp_path):
   workdir, teacher, _, val_images = setup
   out = tmp_path / "student"
   command = [sys.executable, "-m", "jaxdistill.main", "--config=configs/loopitr.py:tiny",
-             f"--workdir={out}", "--mode=cache_teacher", "--config.teacher.kind=workdir",
-             f"--config.teacher.path={workdir}", "--config.teacher.batch_size=8",
-             "--config.teacher.top_n=4", "--config.teacher.cache_splits=val"]
+             f"--workdir={out}", "--mode=cache_teacher", "--config.teacher_cache.teacher=offline",
+             "--config.teachers.offline.kind=workdir", f"--config.teachers.offline.path={workdir}",
+             "--config.teacher_cache.batch_size=8", "--config.teacher_cache.top_n=4",
+             "--config.teacher_cache.splits=val"]
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
   progress = out / "teacher_cache" / ".val.partial" / "progress.json"
   proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,

@@ -1,5 +1,7 @@
 """Frozen teachers (jaxdistill/teachers): a LoopITR run as a dual + cross teacher, no gradient
-into teacher params, bfloat16 close to float32, MultiTeacher, fsdp-sharded = unsharded."""
+into teacher params, bfloat16 close to float32, MultiTeacher, fsdp-sharded (config.sharding
+rules) = unsharded, and the LiT teacher recipe (configs/lit_teacher.py) keeping its pretrained
+towers bit-identical."""
 
 import json
 
@@ -8,14 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import loopitr as loopitr_config
+from conftest import recipe_config
 from jaxdistill.data.pipeline import eval_arrays
-from jaxdistill.models.loopitr import LoopITRModel, build_model
+from jaxdistill.models.build import build_model
+from jaxdistill.models.loopitr import LoopITRModel
 from jaxdistill.parallel.mesh import batch_sharding, make_mesh
 from jaxdistill.teachers import MultiTeacher, Teacher, load_teacher
 from jaxdistill.teachers.base import make_teacher
 from jaxdistill.teachers.workdir import from_workdir, init_workdir
-from jaxdistill.teachers.sharding import place
 
 
 @pytest.fixture(scope="session")
@@ -23,7 +25,7 @@ def tiny_run(tmp_path_factory):
   """A LoopITR tiny-preset workdir of random params standing in for a trained teacher, one per
   test session (tests/test_teacher_cache.py shares it): (workdir, config, bench, params)."""
   workdir = tmp_path_factory.mktemp("teacher_run")
-  config = loopitr_config.get_config("tiny")
+  config = recipe_config("loopitr")
   return (workdir, config, *init_workdir(config, str(workdir)))
 
 
@@ -58,24 +60,24 @@ def test_loopitr_teacher_matches_the_model(run):
 
 def test_dual_recipe_run_is_a_dual_teacher(tmp_path):
   """A dual-encoder run (configs/teacher.py's `dual` preset is one) serves its towers only."""
-  from configs import dual as dual_config
-  from jaxdistill.methods.dual import build_model as build_dual_model
+  from jaxdistill.errors import JaxDistillError
   from jaxdistill.models.dual import DualEncoder
-  config = dual_config.get_config("tiny")
+  config = recipe_config("dual")
   bench, params = init_workdir(config, str(tmp_path))
   arrays = eval_arrays(bench.splits["test"], *bench.tokens["test"])
   images, ids, mask = arrays["image"][:8], arrays["text_ids"][:8], arrays["text_mask"][:8]
   teacher = load_teacher(f"workdir:{tmp_path}")
   assert teacher.is_dual and not teacher.is_cross and teacher.name.startswith("dual:")
-  model = build_dual_model(config.model)
+  model = build_model(config.model)
+  assert isinstance(model, DualEncoder)
   want_img, _ = model.apply({"params": params}, images, method=DualEncoder.encode_image)
   want_txt, _ = model.apply({"params": params}, ids, mask, method=DualEncoder.encode_text)
   np.testing.assert_allclose(teacher.embed_images(teacher.params, images), want_img, atol=1e-6)
   np.testing.assert_allclose(teacher.embed_texts(teacher.params, ids, mask), want_txt, atol=1e-6)
   run_config = json.loads((tmp_path / "config.json").read_text())
-  run_config["method"] = "mcad"   # a method with no model a teacher can serve
+  run_config["model"]["kind"] = "mcad"   # a run whose network no teacher can serve
   (tmp_path / "config.json").write_text(json.dumps(run_config))
-  with pytest.raises(ValueError, match="'mcad' run.*teacher.path"):
+  with pytest.raises(JaxDistillError, match="model.kind='mcad' is unknown: use one of dual, loopitr"):
     from_workdir(str(tmp_path))
 
 
@@ -131,10 +133,24 @@ def test_multi_teacher_and_load_teacher(run, tmp_path):
 
 
 def test_fsdp_sharded_teacher_equals_unsharded(run):
+  """A teacher placed as the trainer and --mode=cache_teacher place it: config.sharding rules
+  over "frozen/<name>/..."; teachers.<name>.shard=False keeps it replicated."""
+  import dataclasses
+  from jaxdistill.config import sharding_rules
+  from jaxdistill.parallel.sharding import tree_shardings
   workdir, _, _, (images, ids, mask) = run
   teacher = from_workdir(str(workdir))
   mesh = make_mesh(data=2, fsdp=4)
-  sharded = place(teacher, mesh, shard=True)
+  config = recipe_config("cprd")
+  config.sharding.min_fsdp_size = 256          # the tiny teacher's matrices are small
+
+  def place(shard):
+    config.teachers.teacher.shard = shard
+    return dataclasses.replace(teacher, params=jax.device_put(teacher.params, tree_shardings(
+        teacher.params, mesh, sharding_rules(config), config.sharding.min_fsdp_size,
+        prefix="frozen/teacher")))
+
+  sharded = place(True)
   specs = [leaf.sharding.spec for leaf in jax.tree.leaves(sharded.params)]
   assert any("fsdp" in spec for spec in specs)
   put = lambda x: jax.device_put(x, batch_sharding(mesh))
@@ -144,7 +160,7 @@ def test_fsdp_sharded_teacher_equals_unsharded(run):
                              teacher.embed_texts(teacher.params, ids, mask), atol=1e-5)
   np.testing.assert_allclose(sharded.match_scores(sharded.params, put(images), put(ids), put(mask)),
                              teacher.match_scores(teacher.params, images, ids, mask), atol=1e-4)
-  replicated = place(teacher, mesh, shard=False)
+  replicated = place(False)
   assert all(leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(replicated.params))
 
 
@@ -166,33 +182,53 @@ def test_encode_padded_uses_the_teachers_own_wordpiece():
     encode_padded(tokenizer, ["a sandal top left"], 4)
 
 
-def test_lit_heads_learn_from_cached_features(tmp_path):
-  """LiT's head training (teachers/lit.py) on a feature cache of a stand-in frozen teacher whose
-  image and text features share a latent code: the ITC loss falls and retrieval beats chance."""
-  import ml_collections
-  from jaxdistill.teachers.cache import FeatureCache, cache_split
-  from jaxdistill.teachers.lit import Heads, train_heads
-  n, rng = 64, np.random.default_rng(0)
-  latent = rng.normal(size=(n, 8)).astype(np.float32)
-  to_image, to_text = rng.normal(size=(8, 24)), rng.normal(size=(8, 12))
-  l2 = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
-  towers = make_teacher("stand-in", {"image": jnp.asarray(to_image, jnp.float32),
-                                     "text": jnp.asarray(to_text, jnp.float32)},
-                        embed_images=lambda p, x: l2(x[:, :8] @ p["image"]),
-                        embed_texts=lambda p, ids, mask: l2(ids[:, :8].astype(jnp.float32) @ p["text"]),
-                        tokenize=lambda texts: (np.round(100 * latent[[int(t) for t in texts]]).astype(np.int32),
-                                                np.ones((len(texts), 8), np.int32)))
-  cache = FeatureCache(cache_split(towers, None, images=latent * 100, captions=[[str(i)] for i in range(n)],
-                                   image_ids=np.arange(n), out_dir=str(tmp_path / "train"),
-                                   batch_size=16, top_n=1, log=lambda line: None))
-  lc = ml_collections.ConfigDict(dict(hidden=32, embed_dim=16, batch_size=16, num_steps=150,
-                                      learning_rate=3e-3, warmup_steps=5, weight_decay=0.0,
-                                      log_every=1000))
-  heads, params = train_heads(lc, cache, np.arange(n) // 4, seed=0)
-  img = heads.apply({"params": params}, np.asarray(cache.image_emb), method=Heads.image)
-  txt = heads.apply({"params": params}, np.asarray(cache.text_emb)[:, 0], method=Heads.text)
-  top1 = float(np.mean(np.argmax(np.asarray(img @ txt.T), axis=1) == np.arange(n)))
-  assert top1 > 0.5, top1   # chance: 1/64
+@pytest.mark.slow
+def test_lit_teacher_trains_only_its_projections(tmp_path):
+  """configs/lit_teacher.py:tiny trained for 2 steps by --mode=train (jaxdistill.methods.train)
+  in a one-CPU-device process, as a user's run (on this process's 8 simulated devices orbax
+  spends ~25 s per save of the replicated 100 MB state, slicing every replica): the locked
+  MiniLM and EfficientNet-Lite0 towers are bit-identical to the weights the pip packages ship
+  (config.init_from + a None config.trainable rule), while the projections and temperature
+  changed from step 1 to step 2 (both checkpoints are kept)."""
+  import os
+  import subprocess
+  import sys
+  from jaxdistill.pretrained.packaged import efficientnet_path, minilm_dir
+  from jaxdistill.pretrained.towers import load_tower_params
+  from jaxdistill.store.checkpoint import Checkpointer
+  from jaxdistill.store.run import STUDENT, load_run
+  from jaxdistill.train.init import flatten
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  workdir = str(tmp_path / "lit")
+  done = subprocess.run(
+      [sys.executable, "-m", "jaxdistill.main", "--config=configs/lit_teacher.py:tiny",
+       f"--workdir={workdir}", "--mode=train", "--config.train.num_steps=2",
+       "--config.train.checkpoint_every=1", "--config.data.num_val=8",
+       "--config.data.num_test=16", "--config.eval.batch_size=16"],   # keep the final eval small
+      cwd=repo, env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""), capture_output=True,
+      text=True, timeout=600)
+  assert done.returncode == 0, done.stdout + done.stderr
+  assert done.stdout.count("init_from pretrained:") == 2, done.stdout
+  run = load_run(workdir)
+  assert run.step == 2
+  trained = flatten(run.params)
+  towers = {"text_encoder": load_tower_params(minilm_dir(), "bert")[0],
+            "image_encoder": load_tower_params(efficientnet_path(), "efficientnet_lite0")[0]}
+  for tower, packaged in towers.items():
+    packaged = flatten(packaged)
+    got = {k[len(tower) + 1:]: v for k, v in trained.items() if k.startswith(tower + "/")}
+    assert sorted(got) == sorted(packaged), tower
+    for name, want in packaged.items():
+      assert got[name].dtype == np.float32
+      np.testing.assert_array_equal(got[name], want, err_msg=f"{tower}/{name}")
+  checkpointer = Checkpointer(workdir)
+  assert sorted(d for d in os.listdir(checkpointer.directory) if d.isdigit()) == ["1", "2"]
+  step1 = flatten(checkpointer.restore_raw(1)["params"][STUDENT])
+  checkpointer.close()
+  heads = [k for k in trained if k.split("/")[0] not in towers]
+  assert any("projection" in k for k in heads) and "log_temperature" in heads, heads
+  for name in heads:
+    assert np.max(np.abs(trained[name] - step1[name])) > 1e-5, name
 
 
 def test_pretrained_clip_checkpoint_as_a_dual_teacher(tmp_path):

@@ -50,7 +50,7 @@ from jaxdistill.methods.base import STUDENT, Recipe, dropout_rngs, student_modul
 from jaxdistill.models.build import towers as towers_of
 from jaxdistill.parallel import queue as fq
 from jaxdistill.teachers import load_teacher
-from jaxdistill.teachers.cache import FeatureCache
+from jaxdistill.teachers.cache import CacheError, FeatureCache
 
 DISTILL = ("none", "kl", "m3se", "rm3se", "cprd", "cprd_mstar")
 TEACHER_SCORES = ("cross", "dual")
@@ -131,7 +131,7 @@ def load_bank(bank_dir: str, train_image_ids: np.ndarray, captions_per_image: in
   sigmoid of the cross teacher's ITM logit, as the online `cross` target."""
   try:
     cache = FeatureCache(bank_dir)
-  except FileNotFoundError as e:
+  except CacheError as e:
     raise ConfigError(f"--config.cprd.bank_dir={bank_dir}: {e}") from None
   if not cache.has_bank or sorted(cache.meta["bank"]) != ["i2t", "t2i"]:
     raise ConfigError(f"--config.cprd.bank_dir={bank_dir} has no i2t + t2i cross bank: rerun "

@@ -60,11 +60,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if not mi.tower_workdir:
     raise MiningError("--mode=mine needs --config.mining.tower_workdir: the --workdir of the "
                      "trained run whose towers embed the corpus")
+  tower = load_run(mi.tower_workdir, what="--config.mining.tower_workdir")
   out = os.path.join(workdir, "mining")
   bank_dir = mi.bank_dir or os.path.join(workdir, "bank")
   os.makedirs(out, exist_ok=True)
   mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
-  tower = load_run(mi.tower_workdir, what="--config.mining.tower_workdir")
   tower_config, params, step = tower.config, tower.params, tower.step
   bench = prepare_benchmark(tower_config, mi.tower_workdir)   # the tower's own tokenizer
   split = bench.splits[mi.split]

@@ -56,7 +56,10 @@ def load_run(workdir: str, dtype: str | None = None, what: str = "--workdir") ->
   """The student network and params of the latest checkpoint in `workdir` (host arrays).
   dtype: computation dtype override ("float32" | "bfloat16"); `what` names the flag in errors."""
   config = load_run_config(workdir, what)
-  model = build_model(config.model, dtype)
+  try:
+    model = build_model(config.model, dtype)
+  except JaxDistillError as e:
+    raise RunError(f"{what}={workdir!r}: its {CONFIG_FILE} builds no network: {e}") from None
   expected = jax.eval_shape(lambda k: init_params(model, config.model, k), jax.random.PRNGKey(0))
   checkpointer = Checkpointer(workdir)
   step = checkpointer.latest_step()
