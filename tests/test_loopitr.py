@@ -174,3 +174,25 @@ def test_bad_settings_name_the_key_and_the_fix(key, value, needle):
     methods.validate(config)
   assert needle in str(info.value)
   methods.validate(_config())
+
+
+def test_itc_only_warm_up_is_the_joint_loss_without_its_work(params):
+  """During loopitr.itc_only_steps the warm-up step's loss gives the joint loss's value and
+  gradients (its other terms are weighted 0) and its compiled step costs fewer FLOPs."""
+  config = _config(itc_only_steps=5)
+  mesh = one_device_mesh()
+  recipe = _recipe(config, mesh)
+  steps, warm = recipe.warmup
+  assert steps == 5
+  joint = loss_and_grads(recipe.loss_fn, mesh, params, _batch(), step=2)
+  itc = loss_and_grads(warm, mesh, params, _batch(), step=2)
+  np.testing.assert_allclose(itc.loss, joint.loss, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               itc.grads, joint.grads)
+  assert "itm" in joint.metrics and "itm" not in itc.metrics
+
+  def flops(loss_fn):
+    grad = jax.jit(jax.grad(lambda p, b: loss_fn(p, {}, {}, b, jax.random.PRNGKey(0), jnp.int32(2))[0]))
+    return grad.lower(params, _batch()).compile().cost_analysis()["flops"]
+  assert flops(warm) < 0.5 * flops(recipe.loss_fn)
+  assert _recipe(_config(itc_only_steps=0), mesh).warmup is None

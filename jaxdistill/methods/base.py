@@ -41,6 +41,9 @@ class Recipe:
   ema: {module: momentum}: modules whose exponential moving average the state keeps; the loss
     reads them as frozen["ema"][module].
   init_extra: () -> the carry's initial value (e.g. feature queues), or None for {}.
+  warmup: (steps, loss_fn) or None: the loss of the first `steps` steps, compiled as its own
+    step, so a warm-up that uses part of the objective skips the work of the rest (LoopITR's
+    ITC-only warm-up runs no cross encoder); `loss_fn` from step `steps` on.
   """
   name: str
   modules: Mapping[str, Module]
@@ -48,6 +51,7 @@ class Recipe:
   frozen: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   ema: Mapping[str, float] = dataclasses.field(default_factory=dict)
   init_extra: Callable[[], Any] | None = None
+  warmup: tuple[int, LossFn] | None = None
 
 
 _DROPOUT_STREAM = 0x0D0   # folded into the step key for dropout, apart from the recipe's own keys

@@ -59,6 +59,27 @@ def distill_weight(step: jax.Array, weight: float, warmup_steps: int) -> jax.Arr
   return weight * jnp.minimum(1.0, step.astype(jnp.float32) / warmup_steps)
 
 
+def make_itc_loss_fn(config: ml_collections.ConfigDict, model: LoopITRModel, mesh: Mesh):
+  """The ITC-only warm-up's loss (loopitr.itc_only_steps; not in the paper): eq. 2-3 alone, the
+  value and gradients the full loss has there (its other terms are weighted 0), without
+  running the cross encoder, MLM or the teacher."""
+  student = towers_of(model)
+
+  def loss_fn(params, frozen, extra, batch, rng, step):
+    del frozen, step
+    params = params[STUDENT]
+    img_emb, _ = student.embed_image(params, batch["image"], rngs=dropout_rngs(config, rng, 0))
+    txt_emb, _ = student.embed_text(params, batch["text_ids"], batch["text_mask"],
+                                    rngs=dropout_rngs(config, rng, 1))
+    temperature = student.temperature(params)
+    i2t, t2i = gathered_similarity_logits(mesh, img_emb, txt_emb, temperature)
+    l_itc, parts = contrastive_loss(i2t, t2i, jnp.arange(img_emb.shape[0]))
+    parts.update(itc=l_itc, temperature=temperature)
+    return config.loopitr.itc_weight * l_itc, parts, extra
+
+  return loss_fn
+
+
 def make_loss_fn(config: ml_collections.ConfigDict, model: LoopITRModel, mesh: Mesh,
                  steps_per_epoch: int, special: SpecialIds, offline: Towers | None = None):
   """Returns loss_fn(params, frozen, extra, batch, rng, step) -> (loss, metrics, extra).
@@ -203,6 +224,8 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, bench, steps_per_epoch:
       loss_fn=make_loss_fn(config, student.model, mesh, steps_per_epoch, bench.special_ids, offline),
       frozen=frozen,
       ema={STUDENT: config.loopitr.momentum} if config.loopitr.teacher == "momentum" else {},
+      warmup=((config.loopitr.itc_only_steps, make_itc_loss_fn(config, student.model, mesh))
+              if config.loopitr.itc_only_steps > 0 else None),
   )
 
 

@@ -131,8 +131,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   start = int(state.step)
   write_json_atomic(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
   # --- step ---
-  train_step = make_train_step(recipe.loss_fn, built["tx"], dict(recipe.ema), built["trainable"],
-                               shardings)
+  compile_step = lambda loss_fn: make_train_step(loss_fn, built["tx"], dict(recipe.ema),
+                                                 built["trainable"], shardings)
+  train_step = compile_step(recipe.loss_fn)
+  warmup_steps, warmup_step = 0, None
+  if recipe.warmup is not None and start < recipe.warmup[0]:
+    warmup_steps, warmup_step = recipe.warmup[0], compile_step(recipe.warmup[1])
   student = towers(recipe.modules[STUDENT].model)
   # --- loop ---
   writer = MetricsWriter(workdir)
@@ -142,7 +146,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   try:
     for step in range(start + 1, config.train.num_steps + 1):
       batch = pipeline.to_global_batch(next(data_iter), shardings["batch"])
-      state, metrics = train_step(state, batch, frozen)
+      step_fn = warmup_step if step <= warmup_steps else train_step   # state.step = step - 1
+      state, metrics = step_fn(state, batch, frozen)
       if step % config.train.log_every == 0 or step == config.train.num_steps:
         scalars = jax.device_get(metrics)
         writer.write(step, scalars)
