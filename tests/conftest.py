@@ -103,3 +103,20 @@ def assert_devices_agree(many: LossGrads, one: LossGrads, loss_atol: float = 1e-
     np.testing.assert_allclose(many.metrics[k], one.metrics[k], rtol=1e-5, atol=1e-5, err_msg=k)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(
       a, b, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(b).max()))), many.grads, one.grads)
+
+
+def user_env() -> dict:
+  """The environment of a user's `python -m jaxdistill.main` run: CPU, one device."""
+  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+
+
+def logged_losses(workdir: str) -> dict:
+  """step -> loss from <workdir>/metrics.jsonl, the last line of each step (a resumed run
+  rewrites the steps after its checkpoint)."""
+  import json
+  losses = {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      record = json.loads(line)
+      losses[record["step"]] = record["loss"]
+  return losses

@@ -6,7 +6,6 @@
   stage 2 killed by SIGKILL resumes its own checkpoints, not stage 1's.
 """
 
-import json
 import os
 import signal
 import subprocess
@@ -19,7 +18,7 @@ import pytest
 import torch
 import transformers
 
-from conftest import REPO, recipe_config
+from conftest import REPO, logged_losses, recipe_config, user_env
 from jaxdistill import methods
 from jaxdistill.data.benchmark import prepare_benchmark
 from jaxdistill.data.tokenizer import encode, load_pretrained_tokenizer
@@ -111,23 +110,10 @@ def _stage2(stage1, workdir):
                   '"mapping": (("student/", "student/"),)},)')
 
 
-def _env():
-  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-
-
-def _losses(workdir):
-  out = {}
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
-      record = json.loads(line)
-      out[record["step"]] = record["loss"]
-  return out
-
-
 @pytest.mark.slow
 def test_two_stages_chain_and_stage_two_resumes_itself(tmp_path):
   s1, s2, s2_uninterrupted = (str(tmp_path / n) for n in ("s1", "s2", "s2_ref"))
-  subprocess.run(_command(s1, "--config.train.num_steps=4"), cwd=REPO, env=_env(), check=True,
+  subprocess.run(_command(s1, "--config.train.num_steps=4"), cwd=REPO, env=user_env(), check=True,
                  capture_output=True)
 
   # Stage 2 starts exactly from stage 1's final params.
@@ -140,20 +126,20 @@ def test_two_stages_chain_and_stage_two_resumes_itself(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, state.params, final)
 
   # SIGKILL stage 2 once its checkpoint 2 is finalized, then rerun the same command.
-  process = subprocess.Popen(_stage2(s1, s2), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+  process = subprocess.Popen(_stage2(s1, s2), cwd=REPO, env=user_env(), stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
   deadline = time.time() + 300
   while time.time() < deadline and not os.path.isdir(os.path.join(s2, "checkpoints", "2")):
     time.sleep(0.1)
   process.send_signal(signal.SIGKILL)
   process.wait()
-  resumed = subprocess.run(_stage2(s1, s2), cwd=REPO, env=_env(), capture_output=True, text=True)
+  resumed = subprocess.run(_stage2(s1, s2), cwd=REPO, env=user_env(), capture_output=True, text=True)
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   assert f"resumed from {os.path.join(s2, 'checkpoints')}" in resumed.stdout
   assert "init_from" not in resumed.stdout                 # resume wins over init_from
-  subprocess.run(_stage2(s1, s2_uninterrupted), cwd=REPO, env=_env(), check=True,
+  subprocess.run(_stage2(s1, s2_uninterrupted), cwd=REPO, env=user_env(), check=True,
                  capture_output=True)
-  want, got = _losses(s2_uninterrupted), _losses(s2)
+  want, got = logged_losses(s2_uninterrupted), logged_losses(s2)
   assert sorted(got) == list(range(1, 9))
   np.testing.assert_allclose([got[s] for s in range(1, 9)], [want[s] for s in range(1, 9)],
                              rtol=1e-6)

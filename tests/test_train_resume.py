@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from conftest import logged_losses, user_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 10
 
@@ -20,30 +22,14 @@ def _command(workdir):
           "--config.train.checkpoint_every=2", "--config.train.log_every=1"]
 
 
-def _env():
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env["XLA_FLAGS"] = ""   # one CPU device, like a user's run
-  return env
-
-
-def _losses(workdir):
-  """step -> loss, keeping the last line written for each step (re-run steps overwrite)."""
-  losses = {}
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
-      record = json.loads(line)
-      losses[record["step"]] = record["loss"]
-  return losses
-
-
 def _run_until_logged(workdir, step, sig):
   """Starts the run, waits until `step` is logged, then sends `sig`; returns the exit code."""
-  proc = subprocess.Popen(_command(workdir), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+  proc = subprocess.Popen(_command(workdir), cwd=REPO, env=user_env(), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
   deadline = time.time() + 240
   path = os.path.join(workdir, "metrics.jsonl")
   while time.time() < deadline and proc.poll() is None:
-    if os.path.exists(path) and max(_losses(workdir), default=0) >= step:
+    if os.path.exists(path) and max(logged_losses(workdir), default=0) >= step:
       break
     time.sleep(0.2)
   assert proc.poll() is None, proc.stdout.read()
@@ -55,11 +41,11 @@ def _run_until_logged(workdir, step, sig):
 @pytest.mark.slow
 def test_kill_resume_matches_uninterrupted(tmp_path):
   reference = tmp_path / "reference"
-  done = subprocess.run(_command(reference), cwd=REPO, env=_env(), capture_output=True, text=True,
+  done = subprocess.run(_command(reference), cwd=REPO, env=user_env(), capture_output=True, text=True,
                         timeout=600)
   assert done.returncode == 0, done.stdout + done.stderr
   assert "R@sum" in done.stdout or "rsum" in done.stdout.lower()
-  expected = _losses(reference)
+  expected = logged_losses(reference)
   assert sorted(expected) == list(range(1, STEPS + 1))
   eval_json = json.loads((reference / "eval.json").read_text())
   assert "dual" in eval_json and "binding" in eval_json["dual"]
@@ -70,11 +56,11 @@ def test_kill_resume_matches_uninterrupted(tmp_path):
   code, out = _run_until_logged(resumed, 7, signal.SIGTERM)
   assert code == 0 and "SIGTERM: saved step" in out, out
   assert "resumed from" in out
-  finish = subprocess.run(_command(resumed), cwd=REPO, env=_env(), capture_output=True, text=True,
+  finish = subprocess.run(_command(resumed), cwd=REPO, env=user_env(), capture_output=True, text=True,
                           timeout=600)
   assert finish.returncode == 0, finish.stdout + finish.stderr
   assert "resumed from" in finish.stdout
-  got = _losses(resumed)
+  got = logged_losses(resumed)
   assert sorted(got) == sorted(expected)
   for step in expected:
     assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), step
