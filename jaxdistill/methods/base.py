@@ -14,11 +14,11 @@ import flax.linen as nn
 import jax
 
 from jaxdistill.models.build import build_model, init_params
+from jaxdistill.store.run import STUDENT  # noqa: F401  (recipes name their student module so)
 
 # loss_fn(params {module: tree}, frozen {name: tree, "ema": {module: tree}}, extra, batch,
 #         rng [2] uint32, step int32 []) -> (loss [], metrics {name: []}, extra)
 LossFn = Callable[..., tuple[jax.Array, dict, Any]]
-STUDENT = "student"   # the module that eval, export and mining read
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,11 +18,10 @@ import jax.numpy as jnp
 
 from jaxdistill.errors import JaxDistillError
 from jaxdistill.models.dual import DualEncoder
-from jaxdistill.models.loopitr import LoopITRModel, build_model as build_loopitr
+from jaxdistill.models.loopitr import DTYPES, LoopITRModel, build_model as build_loopitr
 from jaxdistill.models.towers import image_tower, text_tower
 
 KINDS = ("dual", "loopitr")
-DTYPES = ("float32", "bfloat16")
 
 
 class ModelConfigError(JaxDistillError, ValueError):
