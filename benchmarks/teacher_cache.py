@@ -54,7 +54,8 @@ def main(argv):
   from jaxdistill.teachers.cache import FeatureCache, cache_split
   from jaxdistill.teachers.workdir import from_workdir, init_workdir
 
-  config = load_config_file(os.path.join(REPO, "configs", "loopitr.py:cpu"))
+  # The random-init cpu model the recorded rows measured (the cpu preset before MiniLM towers).
+  config = load_config_file(os.path.join(REPO, "configs", "loopitr.py:scratch"))
   config.data.num_train = _NUM_TRAIN.value
   b, m, workdir = _BATCH.value, _NEGATIVES.value, tempfile.mkdtemp(prefix="teacher_cache_bench_")
   teacher_dir = _TEACHER.value or os.path.join(workdir, "teacher")

@@ -81,10 +81,10 @@ def main(argv):
   from jaxdistill.config import load_config_file
   loopitr = lambda preset: load_config_file(os.path.join(REPO, "configs", f"loopitr.py:{preset}"))
   rows = []
-  cpu = loopitr("cpu")
+  cpu = loopitr("scratch")   # the cpu preset before pretrained towers (docs/benchmarks.md rows)
   rows.append(_row("cpu preset, m=4", cpu, _STEPS.value))
   for m in (4, 31):   # paper 003 Table 1 setting: batch 32, m=4 vs all 31 in-batch negatives
-    small = loopitr("cpu")
+    small = loopitr("scratch")
     small.batch_size, small.loopitr.num_negatives = 32, m
     rows.append(_row(f"cpu preset, m={m}", small, _STEPS.value))
   paper = loopitr("paper")

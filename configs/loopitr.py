@@ -1,30 +1,77 @@
-r"""LoopITR (paper 003): dual encoder + cross encoder in one network, online distillation.
+r"""LoopITR (paper 003): dual + cross encoder in one network, online distillation.
 
-Run (CPU default, ~15 minutes on 2 cores, bundled compositional Fashion-MNIST benchmark):
+Run (CPU default, <= 15 minutes on 2 cores, bundled compositional Fashion-MNIST benchmark):
   python -m jaxdistill.main --config=configs/loopitr.py --workdir=runs/loopitr
-Other presets:  --config=configs/loopitr.py:tiny   (seconds; tests and smoke runs)
-                --config=configs/loopitr.py:paper  (ViT-B/16 + 6-layer text + 6-layer cross, §4.1)
+Presets (--config=configs/loopitr.py:<preset>):
+  cpu      (default) built as paper 003 §4 builds it, from pretrained weights (config.init_from):
+           text tower = the first 3 layers of MiniLM-L6 (all-MiniLM-L6-v2, mean pooling, its
+           WordPiece), cross encoder = its last 3 layers with new cross-attention, image tower =
+           the small ViT of the cpu preset (random init; chosen over EfficientNet-Lite0 on val,
+           docs/results.md)
+  cpu_efficientnet  the same with the ImageNet EfficientNet-Lite0 image tower (2x2 head map at
+           64 px input: one token per grid cell)
+  scratch  every tower from random weights (the cpu preset before pretrained initialisation)
+  tiny     seconds; tests and smoke runs      paper  ViT-B/16 + 6-layer text + 6-layer cross, §4.1
 Ablations (paper 003 Tables 1-6), e.g.:
   --config.loopitr.num_negatives=1            (Table 1: m in 1, 4, 9, 14, 31)
   --config.loopitr.negative_sampling=random   (Table 2)
   --config.loopitr.distill_negatives=text     (Table 3: image | text | both | none)
   --config.loopitr.teacher=momentum           (Table 5: online | momentum | offline)
   --config.loopitr.teacher=offline --config.teachers.offline.path=runs/loopitr
-Start the dual encoder from a trained dual-encoder run (config.init_from, train/init.py):
-  --config.init_from='({"source": "workdir:runs/teacher_dual", "mapping": (("student/dual/", "student/"),)},)'
-
   --config.loopitr.stop_gradient=False        (Table 6)
 """
 
 import ml_collections
 
 from jaxdistill import config as base_config
+from jaxdistill.pretrained.packaged import efficientnet_path, minilm_dir
+from jaxdistill.pretrained.towers import bert_fields
+
+PRESETS = ("tiny", "cpu", "cpu_efficientnet", "scratch", "paper")
+# Cross-encoder params that a BERT layer supplies; crossattention(_ln) are new (models/bert.py).
+BERT_LAYER_PARTS = "attention|attention_ln|intermediate|output|output_ln"
+
+
+def from_pretrained_halves(config: ml_collections.ConfigDict, path: str) -> None:
+  """Paper 003 §4 / ALBEF on a BERT-family checkpoint at `path`: text tower = its first half
+  (embeddings + layers [0, n/2)), cross encoder = its second half (layers [n/2, n)) with new
+  cross-attention sub-layers, its tokenizer, mean pooling (what sentence-transformers' MiniLM
+  was trained for: its [CLS] output is nearly constant, docs/results.md)."""
+  m = config.model
+  m.update(bert_fields(path))
+  half = m.text_layers // 2
+  m.text_layers = m.cross_layers = half
+  m.cross_encoder, m.text_pool = "bert", "mean"
+  m.cross_width, m.cross_heads, m.cross_mlp = m.text_width, m.text_heads, m.text_mlp
+  m.max_len = 36                                    # MiniLM tokens of the longest caption
+  config.data.tokenizer = path
+  config.init_from = tuple(config.init_from) + (
+      {"source": f"pretrained:{path}", "architecture": "bert", "layers": f"first:{half}",
+       "mapping": (("student/dual/text_encoder/", ""),)},
+      {"source": f"pretrained:{path}", "architecture": "bert", "layers": f"last:{half}",
+       "mapping": ((f"student/cross/(?=layer_\\d+/({BERT_LAYER_PARTS})/)", "bert/"),)},
+  )
+
+
+def efficientnet_image_tower(config: ml_collections.ConfigDict, input_size: int) -> None:
+  """The ImageNet EfficientNet-Lite0 image tower (models/towers.py), from the packaged weights."""
+  m = config.model
+  m.image_tower, m.vision_width, m.efficientnet_input_size = "efficientnet_lite0", 1280, input_size
+  config.init_from = tuple(config.init_from) + (
+      {"source": f"pretrained:{efficientnet_path()}", "architecture": "efficientnet_lite0",
+       "layers": "", "mapping": (("student/dual/image_encoder/", ""),)},)
 
 
 def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
-  config = base_config.base_config(preset)
+  if preset not in PRESETS:
+    raise ValueError(f"unknown loopitr preset {preset!r}: use one of {', '.join(PRESETS)} "
+                     "(e.g. --config=configs/loopitr.py:cpu)")
+  pretrained = preset in ("cpu", "cpu_efficientnet")
+  config = base_config.base_config("cpu" if preset in ("cpu", "cpu_efficientnet", "scratch")
+                                   else preset)
   config.method = "loopitr"
   config.model.kind = "loopitr"
+  config.model.cross_encoder = "prenorm"   # prenorm (models/cross.py) | bert (models/bert.py)
   # teacher=offline reads a finished LoopITR run: --config.teachers.offline.path=runs/loopitr
   config.teachers.offline = base_config.teacher_section("workdir")
 
@@ -42,7 +89,18 @@ def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
   lp.itm_weight = 1.0
   lp.mlm_weight = 1.0
   lp.mlm_probability = 0.15        # BERT masking rate for L_mlm
-  # ITC-only warm-up before ITM/MLM/distillation start (not in the paper). The CPU default spends
-  # a third of its 600 steps on it: dual R@sum 128.4 vs 90.9 without (docs/results.md).
-  lp.itc_only_steps = 200 if preset == "cpu" else 0
+  # ITC-only warm-up before ITM/MLM/distillation start (not in the paper); a weight of 0 skips
+  # a term's work (methods/loopitr.py).
+  lp.itc_only_steps = 200 if preset == "scratch" else 0
+  if pretrained:
+    from_pretrained_halves(config, minilm_dir())
+    # 2 CPU cores: an ITC step takes ~1.4 s, a joint step with m=1 ~10 s (the cross encoder is
+    # 3 MiniLM layers over 3B pairs + MLM) and re-ranking the top 4 ~1.5 min, so the 15-minute
+    # budget is 395 ITC-only steps (where binding is learnt) and a token joint phase of 15 steps;
+    # configs/loopitr_long.py has the paper's joint phase (docs/results.md).
+    config.train.num_steps, lp.itc_only_steps = 410, 395
+    lp.num_negatives = 1             # Table 1's m=1: a third of m=4's cross-encoder pairs
+    config.eval.rerank_k = 4
+    if preset == "cpu_efficientnet":
+      efficientnet_image_tower(config, input_size=64)
   return config

@@ -7,7 +7,7 @@ embedding 256: 6.3x the cpu student's tower params). Presets (on top of jaxdisti
   dual   (default) the dual-encoder ITC recipe (configs/dual.py) for 1500 steps at batch 128:
          a dual teacher (embed_images / embed_texts; no cross encoder). ~1 h on a 2-core CPU.
          python -m jaxdistill.main --config=configs/teacher.py --workdir=runs/teacher_dual
-  cpu    the LoopITR recipe (configs/loopitr.py) for 4000 steps: dual towers + a cross encoder
+  cpu    the LoopITR recipe (configs/loopitr.py:scratch, random init) for 4000 steps: dual towers + a cross encoder
          (match_scores = ITM positive logit), the MCAD / CPRD cross teacher. Hours on a 2-core CPU.
          python -m jaxdistill.main --config=configs/teacher.py:cpu --workdir=runs/teacher
   short  the LoopITR teacher for 600 steps
@@ -52,7 +52,7 @@ def get_config(preset: str = "dual") -> ml_collections.ConfigDict:
     config.train.num_steps = 1500
     config.optim.warmup_steps = 100
   elif preset == "cross":
-    config = loopitr("cpu")
+    config = loopitr("scratch")
     _widen(config.model)
     config.train.num_steps = 300
     config.optim.warmup_steps = 30
@@ -62,7 +62,7 @@ def get_config(preset: str = "dual") -> ml_collections.ConfigDict:
     config.loopitr.itc_only_steps = 0
     config.loopitr.distill_negatives = "none"   # no cross -> dual distillation (3B cross pairs/step, not 9B)
   else:
-    config = loopitr("cpu")
+    config = loopitr("scratch")
     _widen(config.model)
     config.train.num_steps = 4000 if preset == "cpu" else 600
     config.optim.warmup_steps = 200 if preset == "cpu" else 50

@@ -33,8 +33,10 @@ def _config(**overrides):
 
 
 def test_default_presets_validate():
-  for preset in ("tiny", "cpu", "paper"):
+  for preset in ("tiny", "cpu", "cpu_efficientnet", "scratch", "paper"):
     _validate(recipe_config("loopitr", preset))
+  for preset in ("tiny", "paper", "random_itm", "swap", "low_lr"):
+    _validate(recipe_config("loopitr_long", preset))
   for name in ("dual", "cprd"):
     for preset in ("tiny", "cpu"):
       config = recipe_config(name, preset)

@@ -196,3 +196,58 @@ def test_itc_only_warm_up_is_the_joint_loss_without_its_work(params):
     return grad.lower(params, _batch()).compile().cost_analysis()["flops"]
   assert flops(warm) < 0.5 * flops(recipe.loss_fn)
   assert _recipe(_config(itc_only_steps=0), mesh).warmup is None
+
+
+@pytest.mark.parametrize("zeroed, absent", [({"mlm_weight": 0.0}, "mlm_acc"),
+                                            ({"itm_weight": 0.0}, "itm_acc"),
+                                            ({"distill_weight": 0.0}, "distill_txt")])
+def test_a_zero_weight_term_is_not_computed(params, zeroed, absent):
+  """A loss term of weight 0 gives the same loss and gradients as the full loss with that
+  weight 0 would, without its work: its metrics are absent and the compiled step is cheaper."""
+  mesh = one_device_mesh()
+  full = _recipe(_config(), mesh).loss_fn
+  skip = _recipe(_config(**zeroed), mesh).loss_fn
+  key, step, batch = jax.random.PRNGKey(0), jnp.int32(100), jax.tree.map(jnp.asarray, _batch())
+  value = lambda fn: (lambda p: fn(p, {}, {}, batch, key, step)[0])
+  (name, _), = zeroed.items()
+  term = {"mlm_weight": "mlm", "itm_weight": "itm", "distill_weight": "distill"}[name]
+  _, metrics, _ = full(params, {}, {}, batch, key, step)
+  _, skipped_metrics, _ = skip(params, {}, {}, batch, key, step)
+  assert absent in metrics and absent not in skipped_metrics
+  weight = 1.0 if term != "distill" else float(metrics["distill_weight"])
+  np.testing.assert_allclose(value(skip)(params), value(full)(params) - weight * metrics[term],
+                             rtol=1e-5)
+  flops = lambda fn: jax.jit(jax.grad(value(fn))).lower(params).compile().cost_analysis()["flops"]
+  assert flops(skip) < flops(full)
+
+
+def test_mlm_head_on_masked_positions_equals_the_full_head(params):
+  """The vocabulary head at the masked positions alone (LoopITRModel.mlm_logits_at) gives
+  BERT's MLM loss over every position (mlm_logits), value and gradients."""
+  from jaxdistill.data.masking import mask_tokens
+  from jaxdistill.losses.matching import mlm_loss
+  from jaxdistill.models.loopitr import LoopITRModel
+  config = _config(itm_weight=0.0, distill_negatives="none")
+  recipe = _recipe(config, one_device_mesh())
+  model = recipe.modules[STUDENT].model
+  batch, key = jax.tree.map(jnp.asarray, _batch()), jax.random.PRNGKey(3)
+  k_mlm = jax.random.split(key, 4)[3]
+
+  def full(p):
+    q = p[STUDENT]
+    ids, mask = batch["text_ids"], batch["text_mask"]
+    masked, labels, weights = mask_tokens(ids, mask, k_mlm, probability=0.15, vocab_size=40,
+                                          special=SpecialIds())
+    _, img_tok = model.apply({"params": q}, batch["image"], method=LoopITRModel.encode_image)
+    _, tok = model.apply({"params": q}, masked, mask, method=LoopITRModel.encode_text)
+    logits = model.apply({"params": q}, tok, mask, img_tok, method=LoopITRModel.mlm_logits)
+    return mlm_loss(logits, labels, weights)[0]
+
+  def gathered(p):
+    return recipe.loss_fn(p, {}, {}, batch, key, jnp.int32(100))[1]["mlm"]
+
+  _, metrics, _ = recipe.loss_fn(params, {}, {}, batch, key, jnp.int32(100))
+  assert float(metrics["mlm_dropped"]) == 0.0
+  np.testing.assert_allclose(gathered(params), full(params), rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               jax.grad(gathered)(params), jax.grad(full)(params))

@@ -16,6 +16,8 @@ own network through store/run.py: it may be larger than the student).
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -87,14 +89,17 @@ def make_loss_fn(config: ml_collections.ConfigDict, model: LoopITRModel, mesh: M
   batch: image float32 [B,H,W,C], text_ids / text_mask int32 [B,L], image_id int32 [B] —
   global arrays sharded on the mesh's batch axes. The teacher: online (this forward), the
   momentum EMA frozen["ema"]["student"], or the offline run frozen["offline"] applied with
-  `offline` (its towers). special: the tokenizer's special ids (MLM masking)."""
+  `offline` (its towers). special: the tokenizer's special ids (MLM masking). A term whose
+  weight is 0 is not computed: no cross-encoder pairs, negatives or teacher forward for it."""
   lp = config.loopitr
   m = lp.num_negatives
-  distill_text = lp.distill_negatives in ("text", "both")
-  distill_image = lp.distill_negatives in ("image", "both")
+  use_itm, use_mlm = lp.itm_weight != 0, lp.mlm_weight != 0
+  use_distill = lp.distill_negatives != "none" and lp.distill_weight != 0
+  distill_text = use_distill and lp.distill_negatives in ("text", "both")
+  distill_image = use_distill and lp.distill_negatives in ("image", "both")
   num_text_neg = m if distill_text else 1    # ITM needs one negative per direction
   num_image_neg = m if distill_image else 1
-  separate_itm = lp.itm_negatives != lp.negative_sampling
+  separate_itm = use_itm and lp.itm_negatives != lp.negative_sampling
   warmup = steps_per_epoch if lp.distill_warmup_steps < 0 else lp.distill_warmup_steps
   student = towers_of(model)
   teacher_towers = {"online": None, "momentum": student, "offline": offline}[lp.teacher]
@@ -106,20 +111,13 @@ def make_loss_fn(config: ml_collections.ConfigDict, model: LoopITRModel, mesh: M
         if t is student else jnp.stack([t.match_scores(params, img_tok[img_idx], txt_tok[txt_idx],
                                                        txt_mask[txt_idx])], axis=1)
 
-  def loss_fn(params, frozen, extra, batch, rng, step):
-    params = params[STUDENT]
-    k_text_neg, k_image_neg, k_itm, k_mlm = jax.random.split(rng, 4)
-    drop = lambda i: dropout_rngs(config, rng, i)
+  def matching_and_distillation(params, frozen, batch, img_tok, txt_tok, i2t, t2i, temperature,
+                                keys, drop, parts):
+    """(L_itm eq. 4, L_distill eq. 5-7) from one cross-encoder pass over the positives and the
+    negatives chosen from the ITC similarities."""
+    k_text_neg, k_image_neg, k_itm = keys
     images, ids, mask = batch["image"], batch["text_ids"], batch["text_mask"]
     b = ids.shape[0]
-    img_emb, img_tok = student.embed_image(params, images, rngs=drop(0))
-    txt_emb, txt_tok = student.embed_text(params, ids, mask, rngs=drop(1))
-    temperature = student.temperature(params)
-
-    # ITC against the gathered negatives of all devices (eq. 2-3).
-    i2t, t2i = gathered_similarity_logits(mesh, img_emb, txt_emb, temperature)
-    l_itc, parts = contrastive_loss(i2t, t2i, jnp.arange(b))
-
     # Negatives from the ITC similarities; other captions of the same image are never negatives.
     same = batch["image_id"][:, None] == batch["image_id"][None, :]
     text_neg = choose_negatives(i2t, same, num_text_neg, lp.negative_sampling, k_text_neg)
@@ -140,26 +138,22 @@ def make_loss_fn(config: ml_collections.ConfigDict, model: LoopITRModel, mesh: M
     image_neg_logits = image_neg_logits.reshape(b, num_image_neg, 2)
 
     # ITM (eq. 4): positives, and one negative text per image and one negative image per text.
-    if separate_itm:
-      itm_neg = logits[b * (1 + num_text_neg + num_image_neg):]
-    else:
-      itm_neg = jnp.concatenate([text_neg_logits[:, 0], image_neg_logits[:, 0]])
-    itm_logits = jnp.concatenate([pos_logits, itm_neg])
-    itm_labels = jnp.concatenate([jnp.zeros(b, jnp.int32), jnp.ones(itm_neg.shape[0], jnp.int32)])
-    l_itm, itm_parts = itm_loss(itm_logits, itm_labels)
-    parts.update(itm_parts)
-
-    # MLM on the cross encoder, text masked BERT-style.
-    masked_ids, labels, weights = mask_tokens(ids, mask, k_mlm, probability=lp.mlm_probability,
-                                              vocab_size=config.model.vocab_size, special=special)
-    _, masked_tok = student.embed_text(params, masked_ids, mask, rngs=drop(3))
-    mlm_logits = model.apply({"params": params}, masked_tok, mask, img_tok,
-                             deterministic=drop(4) is None, rngs=drop(4),
-                             method=LoopITRModel.mlm_logits)
-    l_mlm, mlm_parts = mlm_loss(mlm_logits, labels, weights)
-    parts.update(mlm_parts)
+    l_itm = jnp.zeros((), jnp.float32)
+    if use_itm:
+      if separate_itm:
+        itm_neg = logits[b * (1 + num_text_neg + num_image_neg):]
+      else:
+        itm_neg = jnp.concatenate([text_neg_logits[:, 0], image_neg_logits[:, 0]])
+      itm_logits = jnp.concatenate([pos_logits, itm_neg])
+      itm_labels = jnp.concatenate([jnp.zeros(b, jnp.int32),
+                                    jnp.ones(itm_neg.shape[0], jnp.int32)])
+      l_itm, itm_parts = itm_loss(itm_logits, itm_labels)
+      parts.update(itm_parts)
 
     # Distillation (eq. 5-7): student s_{x,y} = similarity, teacher h^pos = positive-class logit.
+    l_distill = jnp.zeros((), jnp.float32)
+    if not use_distill:
+      return l_itm, l_distill
     if teacher_towers is None:     # online teacher: reuse this forward's cross scores
       t_pos, t_text, t_image = pos_logits[:, 0], text_neg_logits[..., 0], image_neg_logits[..., 0]
     else:                          # momentum / offline teacher: its own towers and cross encoder
@@ -173,7 +167,6 @@ def make_loss_fn(config: ml_collections.ConfigDict, model: LoopITRModel, mesh: M
       t_pos = t_logits[:b]
       t_text = t_logits[b:b + b * num_text_neg].reshape(b, num_text_neg)
       t_image = t_logits[b + b * num_text_neg:].reshape(b, num_image_neg)
-    l_distill = jnp.zeros((), jnp.float32)
     # i2t / t2i are similarities divided by the temperature; eq. 5 needs s itself.
     directions = (("distill_txt", distill_text, i2t, text_neg, t_text),   # N_i^txt, eq. 7
                   ("distill_img", distill_image, t2i, image_neg, t_image))
@@ -184,6 +177,47 @@ def make_loss_fn(config: ml_collections.ConfigDict, model: LoopITRModel, mesh: M
         t = jnp.concatenate([t_pos[:, None], teacher_neg], axis=1)
         parts[name], _ = listwise_distillation(s, t, temperature, stop_gradient=lp.stop_gradient)
         l_distill += parts[name]
+    return l_itm, l_distill
+
+  def masked_language_modelling(params, batch, img_tok, key, drop, parts):
+    """L_mlm: the cross encoder predicts BERT-style masked caption tokens. The vocabulary head
+    runs only at the masked positions: the first `capacity` of them in the batch, twice the
+    expected count, so in practice all (mlm_dropped counts any left out)."""
+    ids, mask = batch["text_ids"], batch["text_mask"]
+    masked_ids, labels, weights = mask_tokens(ids, mask, key, probability=lp.mlm_probability,
+                                              vocab_size=config.model.vocab_size, special=special)
+    capacity = min(ids.size, math.ceil(2 * lp.mlm_probability * ids.size))
+    positions = jnp.nonzero(weights.reshape(-1), size=capacity, fill_value=0)[0]
+    chosen = weights.reshape(-1)[positions] * (jnp.arange(capacity) < jnp.sum(weights > 0))
+    _, masked_tok = student.embed_text(params, masked_ids, mask, rngs=drop(3))
+    mlm_logits = model.apply({"params": params}, masked_tok, mask, img_tok, positions,
+                             deterministic=drop(4) is None, rngs=drop(4),
+                             method=LoopITRModel.mlm_logits_at)
+    l_mlm, mlm_parts = mlm_loss(mlm_logits[None], labels.reshape(-1)[positions][None],
+                                chosen[None])
+    parts.update(mlm_parts, mlm_dropped=jnp.sum(weights) - jnp.sum(chosen))
+    return l_mlm
+
+  def loss_fn(params, frozen, extra, batch, rng, step):
+    params = params[STUDENT]
+    k_text_neg, k_image_neg, k_itm, k_mlm = jax.random.split(rng, 4)
+    drop = lambda i: dropout_rngs(config, rng, i)
+    b = batch["text_ids"].shape[0]
+    img_emb, img_tok = student.embed_image(params, batch["image"], rngs=drop(0))
+    txt_emb, txt_tok = student.embed_text(params, batch["text_ids"], batch["text_mask"],
+                                          rngs=drop(1))
+    temperature = student.temperature(params)
+
+    # ITC against the gathered negatives of all devices (eq. 2-3).
+    i2t, t2i = gathered_similarity_logits(mesh, img_emb, txt_emb, temperature)
+    l_itc, parts = contrastive_loss(i2t, t2i, jnp.arange(b))
+    l_itm = l_mlm = l_distill = jnp.zeros((), jnp.float32)
+    if use_itm or use_distill:
+      l_itm, l_distill = matching_and_distillation(
+          params, frozen, batch, img_tok, txt_tok, i2t, t2i, temperature,
+          (k_text_neg, k_image_neg, k_itm), drop, parts)
+    if use_mlm:
+      l_mlm = masked_language_modelling(params, batch, img_tok, k_mlm, drop, parts)
 
     # eq. 8, with the distillation warm-up of §4.1 and the optional ITC-only warm-up.
     joint = (step >= lp.itc_only_steps).astype(jnp.float32)

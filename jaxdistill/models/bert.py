@@ -124,6 +124,34 @@ class Bert(nn.Module):
     return x
 
 
+class BertFusion(nn.Module):
+  """The fusion half of ALBEF / LoopITR's cross encoder (paper 003 §4: BERT's last layers with
+  cross-attention added): num_layers post-LN BertLayers, each with a cross-attention
+  sub-layer over the image tokens, on the text encoder's output tokens (no embeddings).
+
+  text_tokens [B, L, D], text_mask [B, L], image_tokens [B, M, Dv] (keys / values project Dv
+  to D) -> fused [B, L, D]. Params layer_<i>/{attention, attention_ln, crossattention,
+  crossattention_ln, intermediate, output, output_ln}: all but the crossattention ones map
+  from a BertModel's layers (train/init.py; configs/loopitr.py). No dropout.
+  """
+  num_layers: int
+  num_heads: int
+  intermediate_size: int
+  layer_norm_eps: float = 1e-12
+  hidden_act: str = "gelu"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, text_tokens: jax.Array, text_mask: jax.Array, image_tokens: jax.Array,
+               deterministic: bool = True) -> jax.Array:
+    del deterministic
+    x = text_tokens
+    for i in range(self.num_layers):
+      x = BertLayer(self.num_heads, self.intermediate_size, self.layer_norm_eps, self.hidden_act,
+                    True, self.dtype, name=f"layer_{i}")(x, text_mask, image_tokens, None)
+    return x
+
+
 def cls_pool(tokens: jax.Array) -> jax.Array:
   """tokens [B, L, D] -> [B, D]: the [CLS] (first) token."""
   return tokens[:, 0]

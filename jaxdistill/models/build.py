@@ -38,7 +38,7 @@ def build_model(mc, dtype: str | None = None) -> nn.Module:
   if dtype not in DTYPES:
     raise ModelConfigError(f"model dtype {dtype!r} is not valid: use one of {', '.join(DTYPES)}")
   if kind == "loopitr":
-    return build_loopitr({**dict(mc), "dtype": dtype})
+    return build_loopitr({**dict(mc), "dtype": dtype})   # its towers: models/towers.py
   d = jnp.dtype(dtype)
   return DualEncoder(image_tower(mc, d), text_tower(mc, d), mc.embed_dim,
                      image_pool=mc.image_pool, text_pool=mc.get("text_pool", "cls"),

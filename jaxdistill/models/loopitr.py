@@ -1,10 +1,17 @@
-"""The LoopITR network (paper 003 §3, Fig. 3): a dual encoder (ViT image tower, BERT-style text
-tower, projections, temperature) with an ALBEF-style cross encoder on top of its token outputs,
-plus the ITM and MLM heads. Built from the `model` section of the config.
+"""The LoopITR network (paper 003 §3, Fig. 3): a dual encoder (image and text towers of
+models/towers.py, projections, temperature) with an ALBEF-style cross encoder on top of its
+token outputs, plus the ITM and MLM heads. Built from the `model` section of the config.
 
-The cross encoder reads the text encoder's output tokens as its input sequence and attends to
-the image encoder's output tokens; both are first mapped to cross_width by a Dense when their
-width differs (identity when equal).
+Cross encoders (`model.cross_encoder`):
+- "prenorm" (models/cross.py, trained from scratch): reads the text encoder's output tokens and
+  attends to the image encoder's; both are first mapped to cross_width by a Dense when their
+  width differs (identity when equal).
+- "bert" (models/bert.BertFusion): post-LN BERT layers with a cross-attention sub-layer, the
+  layout of ALBEF's fusion encoder, so the last layers of a BERT-family checkpoint initialise
+  it (paper 003 §4: the text encoder is BERT's first half, the cross encoder its second half
+  with new cross-attention; config.init_from). Its cross-attention reads the image tokens at
+  their own width (keys / values project them); the text tokens are mapped to cross_width
+  only when their width differs.
 
 Every method is a linen method: `model.apply({"params": params}, images,
 method=LoopITRModel.encode_image)`, and likewise encode_text, match_logits, mlm_logits,
@@ -19,11 +26,12 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
+from jaxdistill.models.bert import BertFusion
 from jaxdistill.models.cross import CrossEncoder, ITMHead, MLMHead
 from jaxdistill.models.dual import DualEncoder
-from jaxdistill.models.text import TextEncoder
-from jaxdistill.models.vit import ViT
+from jaxdistill.models.towers import image_tower, image_width, text_tower
 
 CONFIG_FIELDS = (
     "image_size", "channels", "patch_size", "stem",
@@ -33,56 +41,44 @@ CONFIG_FIELDS = (
     "vocab_size", "max_len", "embed_dim", "image_pool", "temperature_init", "dropout_rate",
 )
 DTYPES = ("float32", "bfloat16")
+CROSS_ENCODERS = ("prenorm", "bert")
 
 
 class LoopITRModel(nn.Module):
-  """Dual encoder + cross encoder + ITM / MLM heads; fields mirror the `model` config."""
-  image_size: int
-  channels: int
-  patch_size: int
-  stem: str
-  vision_width: int
-  vision_layers: int
-  vision_heads: int
-  vision_mlp: int
-  text_width: int
-  text_layers: int
-  text_heads: int
-  text_mlp: int
-  cross_width: int
-  cross_layers: int
-  cross_heads: int
-  cross_mlp: int
-  vocab_size: int
-  max_len: int
-  embed_dim: int
-  image_pool: str = "concat"
-  temperature_init: float = 0.07
-  dropout_rate: float = 0.0
+  """Dual encoder + cross encoder + ITM / MLM heads, from the `model` config section `mc`
+  (frozen, so the module stays hashable). The selector fields fall back to the values of
+  configs saved before they existed (vit, transformer, cls pooling, prenorm cross encoder)."""
+  mc: ml_collections.FrozenConfigDict
   dtype: Any = jnp.float32   # computation dtype; params stay float32
 
   def setup(self):
-    image_encoder = ViT(self.patch_size, self.vision_width, self.vision_layers, self.vision_heads,
-                        self.vision_mlp, stem=self.stem, dropout_rate=self.dropout_rate,
-                        dtype=self.dtype)
-    text_encoder = TextEncoder(self.vocab_size, self.max_len, self.text_width, self.text_layers,
-                               self.text_heads, self.text_mlp, dropout_rate=self.dropout_rate,
-                               dtype=self.dtype)
-    self.dual = DualEncoder(image_encoder, text_encoder, self.embed_dim,
-                            image_pool=self.image_pool, temperature_init=self.temperature_init,
-                            dtype=self.dtype)
-    self.image_to_cross = (nn.Dense(self.cross_width, dtype=self.dtype)
-                           if self.vision_width != self.cross_width else None)
-    self.text_to_cross = (nn.Dense(self.cross_width, dtype=self.dtype)
-                          if self.text_width != self.cross_width else None)
-    self.cross = CrossEncoder(self.cross_width, self.cross_layers, self.cross_heads,
-                              self.cross_mlp, dropout_rate=self.dropout_rate, dtype=self.dtype)
+    mc = self.mc
+    self.dual = DualEncoder(image_tower(mc, self.dtype), text_tower(mc, self.dtype),
+                            mc.embed_dim, image_pool=mc.image_pool,
+                            text_pool=mc.get("text_pool", "cls"),
+                            temperature_init=mc.temperature_init, dtype=self.dtype)
+    kind = mc.get("cross_encoder", "prenorm")
+    dense = lambda width: nn.Dense(mc.cross_width, dtype=self.dtype) \
+        if width != mc.cross_width else None
+    self.text_to_cross = dense(mc.text_width)
+    if kind == "prenorm":
+      self.image_to_cross = dense(image_width(mc))
+      self.cross = CrossEncoder(mc.cross_width, mc.cross_layers, mc.cross_heads, mc.cross_mlp,
+                                dropout_rate=mc.dropout_rate, dtype=self.dtype)
+    elif kind == "bert":
+      self.image_to_cross = None
+      self.cross = BertFusion(mc.cross_layers, mc.cross_heads, mc.cross_mlp,
+                              layer_norm_eps=mc.bert_layer_norm_eps,
+                              hidden_act=mc.bert_hidden_act, dtype=self.dtype)
+    else:
+      raise ValueError(f"--config.model.cross_encoder={kind!r} is not valid: use one of "
+                       f"{', '.join(CROSS_ENCODERS)}")
     self.itm_head = ITMHead(dtype=self.dtype)
-    self.mlm_head = MLMHead(self.vocab_size, dtype=self.dtype)
+    self.mlm_head = MLMHead(mc.vocab_size, dtype=self.dtype)
 
   def encode_image(self, images: jax.Array, deterministic: bool = True
                    ) -> tuple[jax.Array, jax.Array]:
-    """images float32 [B, H, W, C] -> (emb [B, E] unit-norm, tokens [B, 1 + P, vision_width])."""
+    """images float32 [B, H, W, C] -> (emb [B, E] unit-norm, tokens [B, 1 + P, Dv])."""
     return self.dual.encode_image(images, deterministic)
 
   def encode_text(self, ids: jax.Array, mask: jax.Array, deterministic: bool = True
@@ -115,6 +111,13 @@ class LoopITRModel(nn.Module):
     """MLM logits float32 [B, L, vocab_size] at every text position."""
     return self.mlm_head(self.fuse(text_tokens, text_mask, image_tokens, deterministic))
 
+  def mlm_logits_at(self, text_tokens: jax.Array, text_mask: jax.Array, image_tokens: jax.Array,
+                    positions: jax.Array, deterministic: bool = True) -> jax.Array:
+    """MLM logits float32 [N, vocab_size] at `positions` int32 [N], indices into the flattened
+    [B * L] text positions: the vocabulary head runs on the N masked positions only."""
+    fused = self.fuse(text_tokens, text_mask, image_tokens, deterministic)
+    return self.mlm_head(fused.reshape(-1, fused.shape[-1])[positions][None])[0]
+
   def __call__(self, images: jax.Array, ids: jax.Array, mask: jax.Array,
                deterministic: bool = True) -> dict[str, jax.Array]:
     """Runs every submodule (so `init` creates all params) -> dict of all outputs."""
@@ -126,8 +129,9 @@ class LoopITRModel(nn.Module):
 
 
 def build_model(model_cfg) -> LoopITRModel:
-  """LoopITRModel from a `model` ConfigDict (or any mapping) holding CONFIG_FIELDS and,
-  optionally, dtype ("float32" | "bfloat16", computation only)."""
+  """LoopITRModel from a `model` ConfigDict (or any mapping) holding CONFIG_FIELDS (and the
+  tower / cross-encoder fields it selects) and, optionally, dtype ("float32" | "bfloat16",
+  computation only)."""
   missing = [f for f in CONFIG_FIELDS if f not in model_cfg]
   if missing:
     raise ValueError(f"model config lacks {', '.join(missing)}: set config.model.{missing[0]} "
@@ -135,13 +139,5 @@ def build_model(model_cfg) -> LoopITRModel:
   dtype = model_cfg.get("dtype", "float32")
   if dtype not in DTYPES:
     raise ValueError(f"--config.model.dtype={dtype!r} is not valid: use one of {', '.join(DTYPES)}")
-  return LoopITRModel(**{f: model_cfg[f] for f in CONFIG_FIELDS}, dtype=jnp.dtype(dtype))
-
-
-def init_params(model: LoopITRModel, key: jax.Array, image_shape: tuple[int, int, int],
-                max_len: int) -> Any:
-  """Params of every submodule, from one dummy image [1, *image_shape] and text [1, max_len]."""
-  images = jnp.zeros((1, *image_shape), jnp.float32)
-  ids = jnp.zeros((1, max_len), jnp.int32)
-  mask = jnp.ones((1, max_len), jnp.int32)
-  return model.init(key, images, ids, mask)["params"]
+  fields = {k: v for k, v in dict(model_cfg).items() if k != "dtype"}
+  return LoopITRModel(ml_collections.FrozenConfigDict(fields), dtype=jnp.dtype(dtype))

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxdistill.models.bert import Bert
-from jaxdistill.models.efficientnet_lite import STRIDE, EfficientNetLite0, normalize
+from jaxdistill.models.efficientnet_lite import HEAD_WIDTH, STRIDE, EfficientNetLite0, normalize
 from jaxdistill.models.text import TextEncoder
 from jaxdistill.models.vit import ViT
 
@@ -95,6 +95,11 @@ def image_tower(mc: ml_collections.ConfigDict, dtype: Any = jnp.float32) -> nn.M
                              mc.efficientnet_input_size, mc.image_mean, mc.image_std)
   raise ValueError(f"--config.model.image_tower={kind!r} is not valid: use one of "
                    f"{', '.join(IMAGE_TOWERS)}")
+
+
+def image_width(mc: ml_collections.ConfigDict) -> int:
+  """Width Dv of the image tower's tokens."""
+  return HEAD_WIDTH if mc.get("image_tower", "vit") == "efficientnet_lite0" else mc.vision_width
 
 
 def text_tower(mc: ml_collections.ConfigDict, dtype: Any = jnp.float32) -> nn.Module:

@@ -24,19 +24,26 @@ from jaxdistill.pretrained.checkpoint import CheckpointError, layer_indices, rea
 TOWER_ARCHITECTURES = ("bert", "efficientnet_lite0")
 
 
+def bert_fields(path: str) -> dict[str, Any]:
+  """The `model` config fields a BERT-family checkpoint's config.json fixes (text_tower "bert",
+  vocabulary, widths, heads, its layer count, position / token-type rows, LN epsilon,
+  activation), read without loading the weights; configs fill their model section from it."""
+  c = read_config(path)
+  return dict(text_tower="bert", vocab_size=c["vocab_size"], text_width=c["hidden_size"],
+              text_layers=c["num_hidden_layers"], text_heads=c["num_attention_heads"],
+              text_mlp=c["intermediate_size"], bert_max_positions=c["max_position_embeddings"],
+              bert_type_vocab_size=c.get("type_vocab_size", 2),
+              bert_layer_norm_eps=c.get("layer_norm_eps", 1e-12),
+              bert_hidden_act=c.get("hidden_act", "gelu"))
+
+
 def _bert(path: str, layers: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
   config = read_config(path)
   module, params = bert.load(path, config, layers=layers)
   info = dict(layers=None if layers is None else layer_indices(layers,
                                                                config["num_hidden_layers"]),
               checkpoint_layers=config["num_hidden_layers"],
-              model=dict(text_tower="bert", vocab_size=module.vocab_size,
-                         text_width=module.hidden_size, text_layers=module.num_layers,
-                         text_heads=module.num_heads, text_mlp=module.intermediate_size,
-                         bert_max_positions=module.max_position_embeddings,
-                         bert_type_vocab_size=module.type_vocab_size,
-                         bert_layer_norm_eps=module.layer_norm_eps,
-                         bert_hidden_act=module.hidden_act))
+              model={**bert_fields(path), "text_layers": module.num_layers})
   return {"bert": params}, info
 
 
