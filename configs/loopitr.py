@@ -24,12 +24,11 @@ Ablations (paper 003 Tables 1-6), e.g.:
 import ml_collections
 
 from jaxdistill import config as base_config
+from jaxdistill.models.bert import CHECKPOINT_SUBLAYERS
 from jaxdistill.pretrained.packaged import efficientnet_path, minilm_dir
 from jaxdistill.pretrained.towers import bert_fields
 
 PRESETS = ("tiny", "cpu", "cpu_efficientnet", "scratch", "paper")
-# Cross-encoder params that a BERT layer supplies; crossattention(_ln) are new (models/bert.py).
-BERT_LAYER_PARTS = "attention|attention_ln|intermediate|output|output_ln"
 
 
 def from_pretrained_halves(config: ml_collections.ConfigDict, path: str) -> None:
@@ -49,7 +48,7 @@ def from_pretrained_halves(config: ml_collections.ConfigDict, path: str) -> None
       {"source": f"pretrained:{path}", "architecture": "bert", "layers": f"first:{half}",
        "mapping": (("student/dual/text_encoder/", ""),)},
       {"source": f"pretrained:{path}", "architecture": "bert", "layers": f"last:{half}",
-       "mapping": ((f"student/cross/(?=layer_\\d+/({BERT_LAYER_PARTS})/)", "bert/"),)},
+       "mapping": ((f"student/cross/(?=layer_\\d+/({CHECKPOINT_SUBLAYERS})/)", "bert/"),)},
   )
 
 

@@ -19,11 +19,11 @@ import os
 import ml_collections
 
 from jaxdistill.config import load_config_file
+from jaxdistill.models.bert import CHECKPOINT_SUBLAYERS
 
 PRESETS = ("paper", "random_itm", "swap", "low_lr", "tiny")
 # Params that config.init_from fills from MiniLM (configs/loopitr.py from_pretrained_halves).
-PRETRAINED = (r"student/(dual/text_encoder|cross/layer_\d+/"
-              r"(attention|attention_ln|intermediate|output|output_ln))/.*")
+PRETRAINED = rf"student/(dual/text_encoder|cross/layer_\d+/({CHECKPOINT_SUBLAYERS}))/.*"
 
 
 def get_config(preset: str = "paper") -> ml_collections.ConfigDict:

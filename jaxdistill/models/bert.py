@@ -124,6 +124,11 @@ class Bert(nn.Module):
     return x
 
 
+# The sub-layers of a BertLayer that a BertModel checkpoint supplies (BertFusion's crossattention
+# and crossattention_ln are new); a regex alternation over its param names.
+CHECKPOINT_SUBLAYERS = "attention|attention_ln|intermediate|output|output_ln"
+
+
 class BertFusion(nn.Module):
   """The fusion half of ALBEF / LoopITR's cross encoder (paper 003 §4: BERT's last layers with
   cross-attention added): num_layers post-LN BertLayers, each with a cross-attention
@@ -131,8 +136,8 @@ class BertFusion(nn.Module):
 
   text_tokens [B, L, D], text_mask [B, L], image_tokens [B, M, Dv] (keys / values project Dv
   to D) -> fused [B, L, D]. Params layer_<i>/{attention, attention_ln, crossattention,
-  crossattention_ln, intermediate, output, output_ln}: all but the crossattention ones map
-  from a BertModel's layers (train/init.py; configs/loopitr.py). No dropout.
+  crossattention_ln, intermediate, output, output_ln}: the CHECKPOINT_SUBLAYERS map from a
+  BertModel's layers (train/init.py; configs/loopitr.py). No dropout.
   """
   num_layers: int
   num_heads: int

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from jaxdistill.models.bert import Bert
 from jaxdistill.models.efficientnet_lite import HEAD_WIDTH
 from jaxdistill.pretrained import bert, efficientnet_lite
 from jaxdistill.pretrained.checkpoint import CheckpointError, layer_indices, read_config
@@ -24,17 +25,21 @@ from jaxdistill.pretrained.checkpoint import CheckpointError, layer_indices, rea
 TOWER_ARCHITECTURES = ("bert", "efficientnet_lite0")
 
 
+def _bert_model_fields(module: Bert) -> dict[str, Any]:
+  """The `model` config fields of a BertTower with `module`'s sizes."""
+  return dict(text_tower="bert", vocab_size=module.vocab_size, text_width=module.hidden_size,
+              text_layers=module.num_layers, text_heads=module.num_heads,
+              text_mlp=module.intermediate_size,
+              bert_max_positions=module.max_position_embeddings,
+              bert_type_vocab_size=module.type_vocab_size,
+              bert_layer_norm_eps=module.layer_norm_eps, bert_hidden_act=module.hidden_act)
+
+
 def bert_fields(path: str) -> dict[str, Any]:
   """The `model` config fields a BERT-family checkpoint's config.json fixes (text_tower "bert",
   vocabulary, widths, heads, its layer count, position / token-type rows, LN epsilon,
   activation), read without loading the weights; configs fill their model section from it."""
-  c = read_config(path)
-  return dict(text_tower="bert", vocab_size=c["vocab_size"], text_width=c["hidden_size"],
-              text_layers=c["num_hidden_layers"], text_heads=c["num_attention_heads"],
-              text_mlp=c["intermediate_size"], bert_max_positions=c["max_position_embeddings"],
-              bert_type_vocab_size=c.get("type_vocab_size", 2),
-              bert_layer_norm_eps=c.get("layer_norm_eps", 1e-12),
-              bert_hidden_act=c.get("hidden_act", "gelu"))
+  return _bert_model_fields(bert.from_config(read_config(path)))
 
 
 def _bert(path: str, layers: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -43,7 +48,7 @@ def _bert(path: str, layers: str | None) -> tuple[dict[str, Any], dict[str, Any]
   info = dict(layers=None if layers is None else layer_indices(layers,
                                                                config["num_hidden_layers"]),
               checkpoint_layers=config["num_hidden_layers"],
-              model={**bert_fields(path), "text_layers": module.num_layers})
+              model=_bert_model_fields(module))
   return {"bert": params}, info
 
 
