@@ -2,10 +2,10 @@
 
   .venv/bin/python benchmarks/train_step.py [--steps=10] [--paper_batch=8]
 
-Rows: the CPU preset at its batch (m=4); the CPU preset at batch 32 with m=4 and with all 31
-in-batch negatives (paper 003 footnote 1: m=4 trains 1.4x faster than m=31), side by side; and
-the paper preset at a small batch. Memory is
-XLA's buffer assignment for the compiled step (arguments + outputs + temporaries) and the
+Rows: the random-init cpu preset (configs/loopitr.py:scratch) at its batch (m=4); the same at
+batch 32 with m=4 and with all 31 in-batch negatives (paper 003 footnote 1: m=4 trains 1.4x
+faster than m=31), side by side; and the paper preset at a small batch. Memory is XLA's
+buffer assignment for the compiled step (arguments + outputs + temporaries) and the
 process's peak RSS. Prints a markdown table for docs/benchmarks.md.
 """
 
@@ -82,11 +82,11 @@ def main(argv):
   loopitr = lambda preset: load_config_file(os.path.join(REPO, "configs", f"loopitr.py:{preset}"))
   rows = []
   cpu = loopitr("scratch")   # the cpu preset before pretrained towers (docs/benchmarks.md rows)
-  rows.append(_row("cpu preset, m=4", cpu, _STEPS.value))
+  rows.append(_row("scratch (random-init cpu) preset, m=4", cpu, _STEPS.value))
   for m in (4, 31):   # paper 003 Table 1 setting: batch 32, m=4 vs all 31 in-batch negatives
     small = loopitr("scratch")
     small.batch_size, small.loopitr.num_negatives = 32, m
-    rows.append(_row(f"cpu preset, m={m}", small, _STEPS.value))
+    rows.append(_row(f"scratch (random-init cpu) preset, m={m}", small, _STEPS.value))
   paper = loopitr("paper")
   paper.batch_size = _PAPER_BATCH.value
   rows.append(_row(f"paper preset, batch {paper.batch_size}", paper, max(2, _STEPS.value // 5)))
