@@ -6,7 +6,8 @@ commands and times: docs/results.md. On a GPU each preset takes minutes; on 2 CP
   python -m jaxdistill.main --config=configs/loopitr_long.py:<preset> --workdir=runs/loopitr_<preset>
 Presets:
   paper       400 ITC-only steps, then 2000 joint steps of paper 003's objective (m=4, hard
-              negatives for ITM and distillation, MLM, distillation warmed up over one epoch)
+              negatives for ITM and distillation, MLM (the pre-training
+              objective; the cpu preset drops it), distillation warmed up over one epoch)
   random_itm  ITM on random in-batch negatives (the easy half of an ITM curriculum; Table 8d)
   swap        look-alike groups of swaps only (data.swap_fraction=1: every batch holds captions
               that differ only in where items are)
@@ -37,6 +38,7 @@ def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
     lp.num_negatives = 4                       # paper 003 Table 1
     config.eval.rerank_k = 16                  # paper 003 Table 13
     config.train.checkpoint_every = 400
+    lp.mlm_weight = 1.0                        # paper 003's pre-training objective, with MLM
   if preset == "random_itm":
     lp.itm_negatives = "random"
   elif preset == "swap":
