@@ -54,6 +54,15 @@ def test_loopitr_teacher_matches_the_model(run):
   scores = teacher.match_scores(teacher.params, images, ids, mask)
   assert scores.shape == (16,) and scores.dtype == jnp.float32
   np.testing.assert_allclose(scores, want[:, 0], atol=1e-5)
+  # pair_outputs: P(match) and the pooled fused feature of indexed pairs of the batch.
+  image_index, text_index = np.array([0, 3, 3, 7], np.int32), np.array([0, 0, 5, 2], np.int32)
+  p_match, cls = teacher.pair_outputs(teacher.params, images, ids, mask, image_index, text_index)
+  logits, pooled = model.apply({"params": params}, txt_tok[text_index], mask[text_index],
+                               img_tok[image_index], method=LoopITRModel.match_outputs)
+  np.testing.assert_allclose(p_match, jax.nn.softmax(logits, axis=-1)[:, 0], atol=1e-5)
+  np.testing.assert_allclose(cls, pooled, atol=1e-5)
+  assert cls.shape == (4, config.model.cross_width)
+  np.testing.assert_allclose(teacher.temperature, config.model.temperature_init, rtol=1e-5)
   # Its own tokenizer reproduces the benchmark's ids (same vocabulary file).
   np.testing.assert_array_equal(teacher.tokenize(["a"])[0][:, 0], ids[:1, 0])
 
@@ -245,6 +254,7 @@ def test_pretrained_clip_checkpoint_as_a_dual_teacher(tmp_path):
   teacher = load_teacher({"kind": "pretrained", "path": str(tmp_path), "dtype": "float32"})
   assert teacher.is_dual and not teacher.is_cross and teacher.tokenize is None
   module, params, _ = load_pretrained(str(tmp_path))
+  np.testing.assert_allclose(teacher.temperature, np.exp(-params["logit_scale"]), rtol=1e-6)
   images = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
   ids, mask = np.array([[5, 9, 99, 0], [7, 99, 0, 0]], np.int32), np.array([[1, 1, 1, 0], [1, 1, 0, 0]], np.int32)
   np.testing.assert_allclose(teacher.embed_images(teacher.params, images),

@@ -41,6 +41,7 @@ class BertAttention(nn.Module):
   [B, M, Dc]; key_mask [B, M] (1 = attend) or None -> [B, L, D]."""
   num_heads: int
   dtype: Any = jnp.float32
+  kernel_init: Any = nn.linear.default_kernel_init
 
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array, key_mask: jax.Array | None) -> jax.Array:
@@ -48,12 +49,13 @@ class BertAttention(nn.Module):
     if width % self.num_heads:
       raise ValueError(f"hidden size {width} is not divisible by num_attention_heads="
                        f"{self.num_heads}: fix the config")
-    heads = lambda name, y: nn.Dense(width, dtype=self.dtype, name=name)(y).reshape(
-        *y.shape[:2], self.num_heads, width // self.num_heads)
+    dense = lambda name: nn.Dense(width, dtype=self.dtype, kernel_init=self.kernel_init, name=name)
+    heads = lambda name, y: dense(name)(y).reshape(*y.shape[:2], self.num_heads,
+                                                   width // self.num_heads)
     mask = None if key_mask is None else key_mask[:, None, None, :].astype(bool)
     y = nn.dot_product_attention(heads("query", x), heads("key", context),
                                  heads("value", context), mask=mask, dtype=self.dtype)
-    return nn.Dense(width, dtype=self.dtype, name="out")(y.reshape(x.shape))
+    return dense("out")(y.reshape(x.shape))
 
 
 class BertLayer(nn.Module):
@@ -64,6 +66,7 @@ class BertLayer(nn.Module):
   hidden_act: str
   cross_attention: bool = False
   dtype: Any = jnp.float32
+  cross_kernel_init: Any = nn.linear.default_kernel_init
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None, context: jax.Array | None = None,
@@ -72,9 +75,9 @@ class BertLayer(nn.Module):
     x = ln("attention_ln")(x + BertAttention(self.num_heads, self.dtype, name="attention")(
         x, x, mask))
     if self.cross_attention and context is not None:
-      x = ln("crossattention_ln")(x + BertAttention(self.num_heads, self.dtype,
-                                                    name="crossattention")(x, context,
-                                                                           context_mask))
+      x = ln("crossattention_ln")(x + BertAttention(
+          self.num_heads, self.dtype, self.cross_kernel_init, name="crossattention")(
+              x, context, context_mask))
     y = activation(self.hidden_act)(
         nn.Dense(self.intermediate_size, dtype=self.dtype, name="intermediate")(x))
     return ln("output_ln")(x + nn.Dense(x.shape[-1], dtype=self.dtype, name="output")(y))
@@ -138,6 +141,9 @@ class BertFusion(nn.Module):
   to D) -> fused [B, L, D]. Params layer_<i>/{attention, attention_ln, crossattention,
   crossattention_ln, intermediate, output, output_ln}: the CHECKPOINT_SUBLAYERS map from a
   BertModel's layers (train/init.py; configs/loopitr.py). No dropout.
+  cross_init_std: 0 = the new cross-attention's Dense kernels take Flax's default (LeCun normal,
+  std 1/sqrt(fan_in)); > 0 = normal(0, cross_init_std), as HF BERT initialises every Linear
+  (initializer_range, 0.02), so that the image enters the text stream gently at the start.
   """
   num_layers: int
   num_heads: int
@@ -145,6 +151,7 @@ class BertFusion(nn.Module):
   layer_norm_eps: float = 1e-12
   hidden_act: str = "gelu"
   dtype: Any = jnp.float32
+  cross_init_std: float = 0.0
 
   @nn.compact
   def __call__(self, text_tokens: jax.Array, text_mask: jax.Array, image_tokens: jax.Array,
@@ -152,8 +159,10 @@ class BertFusion(nn.Module):
     del deterministic
     x = text_tokens
     for i in range(self.num_layers):
+      init = (nn.initializers.normal(self.cross_init_std) if self.cross_init_std > 0
+              else nn.linear.default_kernel_init)
       x = BertLayer(self.num_heads, self.intermediate_size, self.layer_norm_eps, self.hidden_act,
-                    True, self.dtype, name=f"layer_{i}")(x, text_mask, image_tokens, None)
+                    True, self.dtype, init, name=f"layer_{i}")(x, text_mask, image_tokens, None)
     return x
 
 

@@ -61,6 +61,8 @@ class Towers:
   temperature(params) -> [] (the ITC temperature tau)
   match_scores(params, image_tokens [P,M,Dv], text_tokens [P,L,Dt], text_mask [P,L]) -> [P]
     (the cross encoder's positive-class ITM logit), or None without a cross encoder.
+  match_outputs(the same inputs) -> (ITM logits [P, 2] ([:, 0] = match), fused [CLS] [P, D]),
+    or None without a cross encoder.
   Each of embed_image / embed_text takes keyword `rngs` ({"dropout": key}) to run in training
   mode (dropout on); without it the network is deterministic.
   """
@@ -68,6 +70,7 @@ class Towers:
   embed_text: Callable
   temperature: Callable
   match_scores: Callable | None
+  match_outputs: Callable | None = None
 
 
 def _apply(model: nn.Module, method):
@@ -80,12 +83,15 @@ def _apply(model: nn.Module, method):
 def towers(model: nn.Module) -> Towers:
   """The `Towers` of a network built by `build_model`."""
   cls = type(model)
-  match = None
+  match = outputs = None
   if isinstance(model, LoopITRModel):
     logits = _apply(model, LoopITRModel.match_logits)
     match = lambda p, image_tokens, text_tokens, text_mask: logits(
         p, text_tokens, text_mask, image_tokens)[:, 0]
+    both = _apply(model, LoopITRModel.match_outputs)
+    outputs = lambda p, image_tokens, text_tokens, text_mask: both(
+        p, text_tokens, text_mask, image_tokens)
   return Towers(embed_image=_apply(model, cls.encode_image),
                 embed_text=_apply(model, cls.encode_text),
                 temperature=lambda p: model.apply({"params": p}, method=cls.temperature),
-                match_scores=match)
+                match_scores=match, match_outputs=outputs)

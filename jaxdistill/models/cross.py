@@ -41,13 +41,14 @@ class CrossEncoder(nn.Module):
 
 
 class ITMHead(nn.Module):
-  """fused [B, L, D] -> float32 logits [B, 2] from the [CLS] position; [:, 0] = match (eq. 4)."""
+  """pooled fused feature [B, D] (the [CLS] position, or the mean over caption tokens) ->
+  float32 logits [B, 2]; [:, 0] = match (eq. 4)."""
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, fused: jax.Array) -> jax.Array:
-    chex.assert_rank(fused, 3)
-    return nn.Dense(2, dtype=self.dtype, name="classifier")(fused[:, 0]).astype(jnp.float32)
+  def __call__(self, pooled: jax.Array) -> jax.Array:
+    chex.assert_rank(pooled, 2)
+    return nn.Dense(2, dtype=self.dtype, name="classifier")(pooled).astype(jnp.float32)
 
 
 class MLMHead(nn.Module):

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxdistill.models.bert import BertFusion
+from jaxdistill.models.bert import BertFusion, mean_pool
 from jaxdistill.models.cross import CrossEncoder, ITMHead, MLMHead
 from jaxdistill.models.dual import DualEncoder
 from jaxdistill.models.towers import image_tower, image_width, text_tower
@@ -42,6 +42,7 @@ CONFIG_FIELDS = (
 )
 DTYPES = ("float32", "bfloat16")
 CROSS_ENCODERS = ("prenorm", "bert")
+ITM_POOLS = ("cls", "mean")
 
 
 class LoopITRModel(nn.Module):
@@ -69,10 +70,14 @@ class LoopITRModel(nn.Module):
       self.image_to_cross = None
       self.cross = BertFusion(mc.cross_layers, mc.cross_heads, mc.cross_mlp,
                               layer_norm_eps=mc.bert_layer_norm_eps,
-                              hidden_act=mc.bert_hidden_act, dtype=self.dtype)
+                              hidden_act=mc.bert_hidden_act, dtype=self.dtype,
+                              cross_init_std=mc.get("cross_init_std", 0.0))
     else:
       raise ValueError(f"--config.model.cross_encoder={kind!r} is not valid: use one of "
                        f"{', '.join(CROSS_ENCODERS)}")
+    if mc.get("itm_pool", "cls") not in ITM_POOLS:
+      raise ValueError(f"--config.model.itm_pool={mc.itm_pool!r} is not valid: use one of "
+                       f"{', '.join(ITM_POOLS)}")
     self.itm_head = ITMHead(dtype=self.dtype)
     self.mlm_head = MLMHead(mc.vocab_size, dtype=self.dtype)
 
@@ -101,10 +106,26 @@ class LoopITRModel(nn.Module):
       image_tokens = self.image_to_cross(image_tokens)
     return self.cross(text_tokens, text_mask, image_tokens, deterministic)
 
+  def pool_fused(self, fused: jax.Array, text_mask: jax.Array) -> jax.Array:
+    """What the ITM head reads: fused [B, L, D] -> [B, D], the [CLS] position (model.itm_pool
+    = cls, BERT / ALBEF) or the mean over the caption's tokens (mean: what sentence-transformers'
+    MiniLM was trained to pool; its [CLS] output is nearly constant, docs/results.md)."""
+    if self.mc.get("itm_pool", "cls") == "mean":
+      return mean_pool(fused, text_mask)
+    return fused[:, 0]
+
   def match_logits(self, text_tokens: jax.Array, text_mask: jax.Array, image_tokens: jax.Array,
                    deterministic: bool = True) -> jax.Array:
     """ITM logits float32 [B, 2] ([:, 0] = match, eq. 4) for the pairs (image b, text b)."""
-    return self.itm_head(self.fuse(text_tokens, text_mask, image_tokens, deterministic))
+    return self.match_outputs(text_tokens, text_mask, image_tokens, deterministic)[0]
+
+  def match_outputs(self, text_tokens: jax.Array, text_mask: jax.Array, image_tokens: jax.Array,
+                    deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
+    """(ITM logits float32 [B, 2] ([:, 0] = match), the pooled fused feature float32 [B, D]) of
+    the pairs (image b, text b): a single-stream teacher's outputs (MCAD H^SS, paper 001 eq. 12)."""
+    pooled = self.pool_fused(self.fuse(text_tokens, text_mask, image_tokens, deterministic),
+                             text_mask)
+    return self.itm_head(pooled), pooled.astype(jnp.float32)
 
   def mlm_logits(self, text_tokens: jax.Array, text_mask: jax.Array, image_tokens: jax.Array,
                  deterministic: bool = True) -> jax.Array:
@@ -125,7 +146,8 @@ class LoopITRModel(nn.Module):
     text_emb, text_tokens = self.encode_text(ids, mask, deterministic)
     fused = self.fuse(text_tokens, mask, image_tokens, deterministic)
     return dict(image_emb=image_emb, text_emb=text_emb, temperature=self.temperature(),
-                match_logits=self.itm_head(fused), mlm_logits=self.mlm_head(fused))
+                match_logits=self.itm_head(self.pool_fused(fused, mask)),
+                mlm_logits=self.mlm_head(fused))
 
 
 def build_model(model_cfg) -> LoopITRModel:

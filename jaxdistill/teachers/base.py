@@ -8,6 +8,11 @@ gradient for its params, whatever the caller passes (tests/test_teachers.py chec
   embed_texts(params, ids [B,L] int32, mask [B,L] int32) -> [B,E] float32, L2-normalised
   match_scores(params, images [P,H,W,C], ids [P,L], mask [P,L]) -> [P] float32
     (a cross encoder's positive-class (ITM "match") logit for the pairs (image p, text p))
+  pair_outputs(params, images [B,H,W,C], ids [B,L], mask [B,L], image_index int32 [P],
+    text_index int32 [P]) -> (P(match) [P], fused [CLS] feature [P, D]) float32: the cross
+    encoder on P pairs (image image_index[p], text text_index[p]) of one batch, each image and
+    text embedded once (MCAD's single-stream scores and H^SS, paper 001 eq. 6, 12)
+  temperature: the dual towers' ITC temperature tau (a float), or None when unknown
   tokenize(texts: list[str]) -> (ids int32 [N,L], mask int32 [N,L]) in the teacher's own
     vocabulary, or None when the teacher reads the student's token ids.
 """
@@ -36,6 +41,8 @@ class Teacher:
   embed_texts: Callable | None
   match_scores: Callable | None
   tokenize: Callable[[list[str]], tuple[np.ndarray, np.ndarray]] | None = None
+  pair_outputs: Callable | None = None
+  temperature: float | None = None
 
   @property
   def is_dual(self) -> bool:
@@ -47,14 +54,15 @@ class Teacher:
 
 
 def frozen(fn: Callable | None) -> Callable | None:
-  """jit of fn(params, *inputs) with params under stop_gradient and the output cast to float32
-  (inside another jit it is inlined into the caller's program)."""
+  """jit of fn(params, *inputs) with params under stop_gradient and every output cast to
+  float32 (inside another jit it is inlined into the caller's program)."""
   if fn is None:
     return None
 
   @functools.wraps(fn)
   def apply(params, *inputs):
-    return jnp.asarray(fn(jax.lax.stop_gradient(params), *inputs), jnp.float32)
+    return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32),
+                        fn(jax.lax.stop_gradient(params), *inputs))
 
   return jax.jit(apply)
 
@@ -72,14 +80,16 @@ def cast_params(params: Any, dtype: str) -> Any:
 
 def make_teacher(name: str, params: Any, *, embed_images: Callable | None = None,
                  embed_texts: Callable | None = None, match_scores: Callable | None = None,
-                 tokenize: Callable | None = None) -> Teacher:
+                 tokenize: Callable | None = None, pair_outputs: Callable | None = None,
+                 temperature: float | None = None) -> Teacher:
   """A Teacher whose apply functions are all wrapped by `frozen` (stop_gradient, jitted)."""
   if embed_images is None and embed_texts is None and match_scores is None:
     raise ValueError(f"teacher {name!r} has no apply function: give embed_images + embed_texts "
                      "(dual) and/or match_scores (cross)")
   return Teacher(name=name, params=params, embed_images=frozen(embed_images),
                  embed_texts=frozen(embed_texts), match_scores=frozen(match_scores),
-                 tokenize=tokenize)
+                 tokenize=tokenize, pair_outputs=frozen(pair_outputs),
+                 temperature=None if temperature is None else float(temperature))
 
 
 def encode_padded(tokenizer: tokenizers.Tokenizer, texts: list[str],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import tokenizers
 
 from jaxdistill.pretrained import blip, clip
@@ -34,6 +35,7 @@ def from_checkpoint(path: str, dtype: str = "float32", max_len: int = MAX_LEN) -
     return make_teacher(name, params,
                         embed_images=lambda p, x: clip.embed_images(module, p, x),
                         embed_texts=lambda p, i, m: clip.embed_texts(module, p, i, m),
+                        temperature=float(np.exp(-np.asarray(params["logit_scale"], np.float32))),
                         tokenize=tokenize)
   if isinstance(module, blip.BlipRetrieval):
     apply = lambda p, method, *args: module.apply({"params": p}, *args, method=method)

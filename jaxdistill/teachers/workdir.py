@@ -16,6 +16,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from jaxdistill.atomic import write_json_atomic
@@ -43,10 +44,20 @@ def from_workdir(workdir: str, dtype: str = "float32") -> Teacher:
     _, text_tokens = t.embed_text(p, ids, mask)
     return t.match_scores(p, image_tokens, text_tokens, mask)
 
+  def pair_outputs(p, images, ids, mask, image_index, text_index):
+    _, image_tokens = t.embed_image(p, images)
+    _, text_tokens = t.embed_text(p, ids, mask)
+    logits, cls = t.match_outputs(p, image_tokens[image_index], text_tokens[text_index],
+                                  mask[text_index])
+    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[:, 0], cls   # ITMHead: 0 = match
+
+  cross = t.match_scores is not None
   return make_teacher(name, cast_params(run.params, dtype),
                       embed_images=lambda p, images: t.embed_image(p, images)[0],
                       embed_texts=lambda p, ids, mask: t.embed_text(p, ids, mask)[0],
-                      match_scores=match_scores if t.match_scores is not None else None,
+                      match_scores=match_scores if cross else None,
+                      pair_outputs=pair_outputs if cross else None,
+                      temperature=float(t.temperature(run.params)),
                       tokenize=tokenize)
 
 
