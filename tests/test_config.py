@@ -35,13 +35,14 @@ def _config(**overrides):
 def test_default_presets_validate():
   for preset in ("tiny", "cpu", "cpu_efficientnet", "scratch", "paper"):
     _validate(recipe_config("loopitr", preset))
-  for preset in ("tiny", "paper", "random_itm", "swap", "low_lr"):
+  for preset in ("tiny", "paper", "random_itm", "swap", "low_lr", "itm_mean", "cross_only",
+                 "cross_only_mean", "cross_only_mixed", "cross_only_bert_init"):
     _validate(recipe_config("loopitr_long", preset))
-  for name in ("dual", "cprd"):
+  for name in ("dual", "cprd", "mcad"):
     for preset in ("tiny", "cpu"):
       config = recipe_config(name, preset)
-      if name == "cprd":   # the online teacher must exist: any existing path passes validation
-        config.teachers.teacher.path = REPO
+      for teacher in config.teachers.values():   # an online teacher must exist: any existing
+        teacher.path = REPO                      # path passes validation
       _validate(config)
   for preset in ("tiny", "cpu"):
     _validate(recipe_config("lit_teacher", preset))

@@ -12,7 +12,7 @@ import types
 
 from jaxdistill.config import ConfigError, validate_teachers
 
-RECIPES = ("loopitr", "dual", "cprd")
+RECIPES = ("loopitr", "dual", "cprd", "mcad")
 
 
 def recipe_module(config) -> types.ModuleType:
