@@ -12,6 +12,14 @@ Presets:
   swap        look-alike groups of swaps only (data.swap_fraction=1: every batch holds captions
               that differ only in where items are)
   low_lr      pretrained layers (MiniLM's) at a third of the learning rate of the new ones
+  itm_mean    the ITM head reads the mean of the fused caption tokens, not [CLS] (model.itm_pool)
+  cross_only, cross_only_mean, cross_only_mixed   CPU probes (~8 min each): the cross encoder
+              alone, 100 steps of ITM on trained towers that stay frozen (init_from the ITC-only
+              run runs/loopitr_itc: configs/loopitr.py with --config.loopitr.itc_only_steps=410):
+              the paper's hard negatives with a [CLS] or a mean-pooled ITM head, or each row's
+              hard or random negative at 1/2 (loopitr.itm_negatives=mixed); evaluated on val
+  cross_only_bert_init  the cross_only probe with the new cross-attention layers initialised
+              as HF BERT initialises them (normal, std 0.02: model.cross_init_std)
   tiny        seconds; tests
 """
 
@@ -22,7 +30,8 @@ import ml_collections
 from jaxdistill.config import load_config_file
 from jaxdistill.models.bert import CHECKPOINT_SUBLAYERS
 
-PRESETS = ("paper", "random_itm", "swap", "low_lr", "tiny")
+PRESETS = ("paper", "random_itm", "swap", "low_lr", "itm_mean", "cross_only", "cross_only_mean",
+           "cross_only_mixed", "cross_only_bert_init", "tiny")
 # Params that config.init_from fills from MiniLM (configs/loopitr.py from_pretrained_halves).
 PRETRAINED = rf"student/(dual/text_encoder|cross/layer_\d+/({CHECKPOINT_SUBLAYERS}))/.*"
 
@@ -33,6 +42,21 @@ def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
   here = os.path.dirname(os.path.abspath(__file__))
   config = load_config_file(os.path.join(here, "loopitr.py:" + ("tiny" if preset == "tiny" else "cpu")))
   lp = config.loopitr
+  if preset.startswith("cross_only"):
+    config.init_from = ({"source": "workdir:runs/loopitr_itc", "mapping": (("student/", "student/"),)},)
+    config.trainable = (("student/dual/.*", None), (".*", {}))   # towers (and tau) frozen
+    config.train.num_steps, lp.itc_only_steps = 100, 0
+    config.optim.learning_rate, config.optim.warmup_steps = 1e-4, 10
+    lp.distill_weight = 0.0                    # ITM alone trains the cross encoder
+    config.eval.split, config.eval.rerank_k = "val", 4
+    config.model.itm_pool = "mean" if preset == "cross_only_mean" else "cls"
+    if preset == "cross_only_mixed":
+      lp.itm_negatives = "mixed"
+    if preset == "cross_only_bert_init":   # the towers' run holds a LeCun-initialised copy
+      config.model.cross_init_std = 0.02
+      config.init_from = ({"source": "workdir:runs/loopitr_itc",
+                           "mapping": ((r"student/(?!cross/layer_\d+/crossattention)", "student/"),)},)
+    return config
   if preset != "tiny":
     config.train.num_steps, lp.itc_only_steps = 2400, 400
     lp.num_negatives = 4                       # paper 003 Table 1
@@ -43,6 +67,8 @@ def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
     lp.itm_negatives = "random"
   elif preset == "swap":
     config.data.swap_fraction = 1.0
+  elif preset == "itm_mean":
+    config.model.itm_pool = "mean"
   elif preset == "low_lr":
     config.trainable = ((PRETRAINED, {"learning_rate": config.optim.learning_rate / 3}),
                         (".*", {}))

@@ -125,6 +125,16 @@ def test_choose_negatives_hard_and_random():
   rand = np.asarray(loopitr_method.choose_negatives(logits, same, 2, "random", jax.random.PRNGKey(1)))
   for row, picks in enumerate(rand):
     assert len(set(picks)) == 2 and not np.asarray(same)[row, picks].any()
+  # mixed: each row is its hard pick or its random pick, and over many rows both occur.
+  big = jax.random.normal(jax.random.PRNGKey(2), (400, 6))
+  none = jnp.zeros((400, 6), bool)
+  key = jax.random.PRNGKey(3)
+  mixed = np.asarray(loopitr_method.choose_negatives(big, none, 1, "mixed", key))[:, 0]
+  top = np.asarray(jnp.argmax(big, axis=1))
+  random = np.asarray(loopitr_method.choose_negatives(big, none, 1, "random",
+                                                      jax.random.split(key)[1]))[:, 0]
+  assert np.all((mixed == top) | (mixed == random))
+  assert 0.35 < np.mean(mixed == top) < 0.75 and np.any((mixed == random) & (random != top))
 
 
 def test_distill_weight_warms_up_linearly():

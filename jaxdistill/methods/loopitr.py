@@ -43,7 +43,14 @@ def choose_negatives(logits: jax.Array, same_item: jax.Array, num: int, mode: st
   logits [R, C] (row's similarities to all columns), same_item bool [R, C] (True where the
   column is a positive of the row, e.g. another caption of the same image). mode "hard": the
   top-`num` by similarity (paper 003 §3: top-m hard negatives ranked by the dual encoder);
-  "random": `num` uniformly random negatives (Table 2). Returns int32 [R, num]."""
+  "random": `num` uniformly random negatives (Table 2); "mixed" (ITM negatives only, not in
+  the paper): each row takes its hard or its random negatives with probability 1/2, so that the
+  cross encoder sees easy pairs beside the look-alikes. Returns int32 [R, num]."""
+  if mode == "mixed":
+    k_pick, k_random = jax.random.split(key)
+    hard = choose_negatives(logits, same_item, num, "hard", key)
+    random = choose_negatives(logits, same_item, num, "random", k_random)
+    return jnp.where(jax.random.bernoulli(k_pick, 0.5, (logits.shape[0], 1)), hard, random)
   scores = jax.lax.stop_gradient(logits) if mode == "hard" else jax.random.uniform(key, logits.shape)
   scores = jnp.where(same_item, -jnp.inf, scores)
   return jax.lax.top_k(scores, num)[1]
@@ -120,11 +127,14 @@ def make_loss_fn(config: ml_collections.ConfigDict, model: LoopITRModel, mesh: M
     b = ids.shape[0]
     # Negatives from the ITC similarities; other captions of the same image are never negatives.
     same = batch["image_id"][:, None] == batch["image_id"][None, :]
-    text_neg = choose_negatives(i2t, same, num_text_neg, lp.negative_sampling, k_text_neg)
-    image_neg = choose_negatives(t2i, same.T, num_image_neg, lp.negative_sampling, k_image_neg)
     rows = jnp.arange(b)
-    img_idx = [rows, jnp.repeat(rows, num_text_neg), image_neg.reshape(-1)]
-    txt_idx = [rows, text_neg.reshape(-1), jnp.repeat(rows, num_image_neg)]
+    img_idx, txt_idx = [rows], [rows]
+    if use_distill or not separate_itm:   # the negatives the distillation (or ITM) scores
+      text_neg = choose_negatives(i2t, same, num_text_neg, lp.negative_sampling, k_text_neg)
+      image_neg = choose_negatives(t2i, same.T, num_image_neg, lp.negative_sampling, k_image_neg)
+      img_idx += [jnp.repeat(rows, num_text_neg), image_neg.reshape(-1)]
+      txt_idx += [text_neg.reshape(-1), jnp.repeat(rows, num_image_neg)]
+    scored = len(img_idx) > 1
     if separate_itm:   # ITM negatives drawn differently from the distillation candidates
       itm_text = choose_negatives(i2t, same, 1, lp.itm_negatives, k_itm)[:, 0]
       itm_image = choose_negatives(t2i, same.T, 1, lp.itm_negatives, jax.random.fold_in(k_itm, 1))[:, 0]
@@ -133,15 +143,16 @@ def make_loss_fn(config: ml_collections.ConfigDict, model: LoopITRModel, mesh: M
     img_idx, txt_idx = jnp.concatenate(img_idx), jnp.concatenate(txt_idx)
     logits = cross_scores(student, params, img_tok, txt_tok, mask, img_idx, txt_idx, drop(2))
     pos_logits = logits[:b]
-    text_neg_logits = logits[b:b + b * num_text_neg].reshape(b, num_text_neg, 2)
-    image_neg_logits = logits[b + b * num_text_neg:b + b * (num_text_neg + num_image_neg)]
-    image_neg_logits = image_neg_logits.reshape(b, num_image_neg, 2)
+    if scored:
+      text_neg_logits = logits[b:b + b * num_text_neg].reshape(b, num_text_neg, 2)
+      image_neg_logits = logits[b + b * num_text_neg:b + b * (num_text_neg + num_image_neg)]
+      image_neg_logits = image_neg_logits.reshape(b, num_image_neg, 2)
 
     # ITM (eq. 4): positives, and one negative text per image and one negative image per text.
     l_itm = jnp.zeros((), jnp.float32)
     if use_itm:
       if separate_itm:
-        itm_neg = logits[b * (1 + num_text_neg + num_image_neg):]
+        itm_neg = logits[b * (1 + num_text_neg + num_image_neg) if scored else b:]
       else:
         itm_neg = jnp.concatenate([text_neg_logits[:, 0], image_neg_logits[:, 0]])
       itm_logits = jnp.concatenate([pos_logits, itm_neg])
@@ -272,7 +283,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"--config.loopitr.num_negatives={m} needs 1 <= m < batch_size={b}: the m hard negatives "
         f"are mined in-batch, so use at most --config.loopitr.num_negatives={b - 1} or a larger "
         "--config.batch_size")
-  for key, options in (("negative_sampling", ("hard", "random")), ("itm_negatives", ("hard", "random")),
+  for key, options in (("negative_sampling", ("hard", "random")), ("itm_negatives", ("hard", "random", "mixed")),
                        ("distill_negatives", ("image", "text", "both", "none")),
                        ("teacher", ("online", "momentum", "offline"))):
     if lp[key] not in options:
