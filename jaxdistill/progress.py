@@ -19,8 +19,10 @@ class Progress:
   The ETA uses the throughput since the first logged step after (re)start, so the one-off
   compilation of the step does not distort it."""
 
-  def __init__(self, total_steps: int, batch_size: int, start_step: int, stream=sys.stdout):
-    self.total, self.batch_size, self.stream = total_steps, batch_size, stream
+  def __init__(self, total_steps: int, batch_size: int, start_step: int, stream=None):
+    # stdout at construction (not at import), so that contextlib.redirect_stdout captures it
+    self.total, self.batch_size = total_steps, batch_size
+    self.stream = sys.stdout if stream is None else stream
     self._t0 = time.time()
     self._ref_step, self._ref_time = None, None
     self._last_step, self._last_time = start_step, self._t0
