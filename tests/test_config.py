@@ -35,8 +35,7 @@ def _config(**overrides):
 def test_default_presets_validate():
   for preset in ("tiny", "cpu", "cpu_efficientnet", "scratch", "paper"):
     _validate(recipe_config("loopitr", preset))
-  for preset in ("tiny", "paper", "random_itm", "swap", "low_lr", "itm_mean", "cross_only",
-                 "cross_only_mean", "cross_only_mixed", "cross_only_bert_init"):
+  for preset in ("tiny", "paper", "random_itm", "swap", "low_lr", "itm_mean"):
     _validate(recipe_config("loopitr_long", preset))
   for name in ("dual", "cprd", "mcad"):
     for preset in ("tiny", "cpu"):
@@ -152,3 +151,16 @@ def test_teacher_section_checked_only_where_a_teacher_is_loaded(tmp_path):
   config.teacher_cache.teacher = "nobody"
   with pytest.raises(ConfigError, match="--config.teachers.nobody is missing"):
     _validate(config, mode="cache_teacher")
+
+
+@pytest.mark.parametrize("preset", ["cross_only", "cross_only_mean", "cross_only_mixed",
+                                    "cross_only_bert_init"])
+def test_cross_only_probes_need_the_itc_run(preset, tmp_path, monkeypatch):
+  """The probes start from runs/loopitr_itc: without it, one error naming the path; with it,
+  the preset validates."""
+  monkeypatch.chdir(tmp_path)
+  config = recipe_config("loopitr_long", preset)
+  with pytest.raises(ConfigError, match="runs/loopitr_itc does not exist; train that stage first"):
+    _validate(config)
+  (tmp_path / "runs" / "loopitr_itc").mkdir(parents=True)
+  _validate(config)
