@@ -43,7 +43,11 @@ def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
   config = load_config_file(os.path.join(here, "loopitr.py:" + ("tiny" if preset == "tiny" else "cpu")))
   lp = config.loopitr
   if preset.startswith("cross_only"):
-    config.init_from = ({"source": "workdir:runs/loopitr_itc", "mapping": (("student/", "student/"),)},)
+    # Every param from the towers' run, except, with BERT-scale init, its LeCun-initialised
+    # cross-attention copies.
+    keep = r"(?!cross/layer_\d+/crossattention)" if preset == "cross_only_bert_init" else ""
+    config.init_from = ({"source": "workdir:runs/loopitr_itc",
+                         "mapping": ((f"student/{keep}", "student/"),)},)
     config.trainable = (("student/dual/.*", None), (".*", {}))   # towers (and tau) frozen
     config.train.num_steps, lp.itc_only_steps = 100, 0
     config.optim.learning_rate, config.optim.warmup_steps = 1e-4, 10
@@ -52,10 +56,8 @@ def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
     config.model.itm_pool = "mean" if preset == "cross_only_mean" else "cls"
     if preset == "cross_only_mixed":
       lp.itm_negatives = "mixed"
-    if preset == "cross_only_bert_init":   # the towers' run holds a LeCun-initialised copy
+    if preset == "cross_only_bert_init":
       config.model.cross_init_std = 0.02
-      config.init_from = ({"source": "workdir:runs/loopitr_itc",
-                           "mapping": ((r"student/(?!cross/layer_\d+/crossattention)", "student/"),)},)
     return config
   if preset != "tiny":
     config.train.num_steps, lp.itc_only_steps = 2400, 400

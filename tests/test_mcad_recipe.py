@@ -21,8 +21,7 @@ from jaxdistill.methods import mcad
 from jaxdistill.methods.base import STUDENT, student_module
 from jaxdistill.models.build import build_model, init_params, towers
 from jaxdistill.parallel.mesh import make_mesh
-from jaxdistill.teachers.base import make_teacher
-from jaxdistill.teachers.workdir import init_workdir
+from jaxdistill.teachers.workdir import from_towers, init_workdir
 
 B, L = 16, 12
 
@@ -42,20 +41,7 @@ def _teacher(config, kind, seed, width):
   tc.kind, tc.embed_dim, tc.cross_width = kind, width, width
   model = build_model(tc)
   params = init_params(model, tc, jax.random.PRNGKey(seed))
-  t = towers(model)
-
-  def pair_outputs(p, images, ids, mask, image_index, text_index):
-    _, image_tokens = t.embed_image(p, images)
-    _, text_tokens = t.embed_text(p, ids, mask)
-    logits, cls = t.match_outputs(p, image_tokens[image_index], text_tokens[text_index],
-                                  mask[text_index])
-    return jax.nn.softmax(3.0 * logits, axis=-1)[:, 0], cls
-
-  return make_teacher(f"random-{kind}", params,
-                      embed_images=lambda p, x: t.embed_image(p, x)[0],
-                      embed_texts=lambda p, i, m: t.embed_text(p, i, m)[0],
-                      pair_outputs=pair_outputs if kind == "loopitr" else None,
-                      temperature=0.05)
+  return from_towers(f"random-{kind}", towers(model), params, temperature=0.05)
 
 
 @pytest.fixture(scope="module")

@@ -129,12 +129,12 @@ def make_loss_fn(config: ml_collections.ConfigDict, model: LoopITRModel, mesh: M
     same = batch["image_id"][:, None] == batch["image_id"][None, :]
     rows = jnp.arange(b)
     img_idx, txt_idx = [rows], [rows]
-    if use_distill or not separate_itm:   # the negatives the distillation (or ITM) scores
+    scored = use_distill or not separate_itm   # the negatives the distillation (or ITM) scores
+    if scored:
       text_neg = choose_negatives(i2t, same, num_text_neg, lp.negative_sampling, k_text_neg)
       image_neg = choose_negatives(t2i, same.T, num_image_neg, lp.negative_sampling, k_image_neg)
       img_idx += [jnp.repeat(rows, num_text_neg), image_neg.reshape(-1)]
       txt_idx += [text_neg.reshape(-1), jnp.repeat(rows, num_image_neg)]
-    scored = len(img_idx) > 1
     if separate_itm:   # ITM negatives drawn differently from the distillation candidates
       itm_text = choose_negatives(i2t, same, 1, lp.itm_negatives, k_itm)[:, 0]
       itm_image = choose_negatives(t2i, same.T, 1, lp.itm_negatives, jax.random.fold_in(k_itm, 1))[:, 0]

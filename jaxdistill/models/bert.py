@@ -158,9 +158,9 @@ class BertFusion(nn.Module):
                deterministic: bool = True) -> jax.Array:
     del deterministic
     x = text_tokens
+    init = (nn.initializers.normal(self.cross_init_std) if self.cross_init_std > 0
+            else nn.linear.default_kernel_init)
     for i in range(self.num_layers):
-      init = (nn.initializers.normal(self.cross_init_std) if self.cross_init_std > 0
-              else nn.linear.default_kernel_init)
       x = BertLayer(self.num_heads, self.intermediate_size, self.layer_norm_eps, self.hidden_act,
                     True, self.dtype, init, name=f"layer_{i}")(x, text_mask, image_tokens, None)
     return x

@@ -85,12 +85,11 @@ def towers(model: nn.Module) -> Towers:
   cls = type(model)
   match = outputs = None
   if isinstance(model, LoopITRModel):
-    logits = _apply(model, LoopITRModel.match_logits)
-    match = lambda p, image_tokens, text_tokens, text_mask: logits(
-        p, text_tokens, text_mask, image_tokens)[:, 0]
     both = _apply(model, LoopITRModel.match_outputs)
     outputs = lambda p, image_tokens, text_tokens, text_mask: both(
         p, text_tokens, text_mask, image_tokens)
+    match = lambda p, image_tokens, text_tokens, text_mask: outputs(
+        p, image_tokens, text_tokens, text_mask)[0][:, 0]
   return Towers(embed_image=_apply(model, cls.encode_image),
                 embed_text=_apply(model, cls.encode_text),
                 temperature=lambda p: model.apply({"params": p}, method=cls.temperature),

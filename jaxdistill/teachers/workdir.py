@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +23,7 @@ import ml_collections
 from jaxdistill.atomic import write_json_atomic
 from jaxdistill.data.benchmark import prepare_benchmark
 from jaxdistill.data.tokenizer import encode, load_tokenizer
-from jaxdistill.models.build import build_model, init_params
+from jaxdistill.models.build import Towers, build_model, init_params
 from jaxdistill.store.checkpoint import Checkpointer
 from jaxdistill.store.run import STUDENT, load_run
 from jaxdistill.teachers.base import Teacher, cast_params, make_teacher
@@ -37,7 +38,15 @@ def from_workdir(workdir: str, dtype: str = "float32") -> Teacher:
   tokenizer = load_tokenizer(run.tokenizer_path)
   tokenize = lambda texts: encode(tokenizer, list(texts), mc.max_len)
   name = f"{run.config.get('method', '?')}:{os.path.basename(os.path.normpath(workdir))}"
-  t = run.towers
+  return from_towers(name, run.towers, cast_params(run.params, dtype),
+                     float(run.towers.temperature(run.params)), tokenize)
+
+
+def from_towers(name: str, t: Towers, params, temperature: float,
+                tokenize: Callable | None = None) -> Teacher:
+  """A network's `Towers` (models/build.py) and params as a Teacher: its dual towers, and with
+  a cross encoder match_scores and pair_outputs (P(match) = softmax of the ITM logits at the
+  match class 0, and the pooled fused feature)."""
 
   def match_scores(p, images, ids, mask):
     _, image_tokens = t.embed_image(p, images)
@@ -52,13 +61,12 @@ def from_workdir(workdir: str, dtype: str = "float32") -> Teacher:
     return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[:, 0], cls   # ITMHead: 0 = match
 
   cross = t.match_scores is not None
-  return make_teacher(name, cast_params(run.params, dtype),
+  return make_teacher(name, params,
                       embed_images=lambda p, images: t.embed_image(p, images)[0],
                       embed_texts=lambda p, ids, mask: t.embed_text(p, ids, mask)[0],
                       match_scores=match_scores if cross else None,
                       pair_outputs=pair_outputs if cross else None,
-                      temperature=float(t.temperature(run.params)),
-                      tokenize=tokenize)
+                      temperature=temperature, tokenize=tokenize)
 
 
 def init_workdir(config: ml_collections.ConfigDict, workdir: str, seed: int = 0):
