@@ -71,7 +71,7 @@ def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
                                    else preset)
   config.method = "loopitr"
   config.model.kind = "loopitr"
-  config.model.cross_encoder = "prenorm"   # prenorm (models/cross.py) | bert (models/bert.py)
+  config.model.cross_encoder = "prenorm"   # prenorm (models/cross.py) | bert | single_stream (models/bert.py)
   # teacher=offline reads a finished LoopITR run: --config.teachers.offline.path=runs/loopitr
   config.teachers.offline = base_config.teacher_section("workdir")
 

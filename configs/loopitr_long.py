@@ -20,6 +20,12 @@ Presets:
               hard or random negative at 1/2 (loopitr.itm_negatives=mixed); evaluated on val
   cross_only_bert_init  the cross_only probe with the new cross-attention layers initialised
               as HF BERT initialises them (normal, std 0.02: model.cross_init_std)
+  cross_only_gated  ... with a tanh gate starting at 0 on each cross-attention output
+              (Flamingo; model.cross_gate): the caption stream has its say before the image
+  cross_only_single_stream  ... with a single-stream cross encoder (caption + image tokens in
+              one transformer, model.cross_encoder=single_stream) from the same MiniLM layers
+  cross_only_low_lr  ... with the new layers at 3e-4 and the pretrained MiniLM layers at 1e-4
+  cross_only_swap  ... on look-alike swap groups only (data.swap_fraction=1)
   tiny        seconds; tests
 """
 
@@ -30,10 +36,15 @@ import ml_collections
 from jaxdistill.config import load_config_file
 from jaxdistill.models.bert import CHECKPOINT_SUBLAYERS
 
-PRESETS = ("paper", "random_itm", "swap", "low_lr", "itm_mean", "cross_only", "cross_only_mean",
-           "cross_only_mixed", "cross_only_bert_init", "tiny")
+PROBES = ("cross_only", "cross_only_mean", "cross_only_mixed", "cross_only_bert_init",
+          "cross_only_gated", "cross_only_single_stream", "cross_only_low_lr", "cross_only_swap")
+PRESETS = ("paper", "random_itm", "swap", "low_lr", "itm_mean") + PROBES + ("tiny",)
 # Params that config.init_from fills from MiniLM (configs/loopitr.py from_pretrained_halves).
 PRETRAINED = rf"student/(dual/text_encoder|cross/layer_\d+/({CHECKPOINT_SUBLAYERS}))/.*"
+# Per probe, the cross-encoder params the towers' run does not have (they keep their init).
+PROBE_NEW_PARAMS = {"cross_only_bert_init": r"cross/layer_\d+/crossattention",
+                    "cross_only_gated": r"cross/layer_\d+/crossattention_gate",
+                    "cross_only_single_stream": r"cross/image_"}
 
 
 def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
@@ -45,7 +56,7 @@ def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
   if preset.startswith("cross_only"):
     # Every param from the towers' run, except, with BERT-scale init, its LeCun-initialised
     # cross-attention copies.
-    keep = r"(?!cross/layer_\d+/crossattention)" if preset == "cross_only_bert_init" else ""
+    keep = f"(?!{PROBE_NEW_PARAMS[preset]})" if preset in PROBE_NEW_PARAMS else ""
     config.init_from = ({"source": "workdir:runs/loopitr_itc",
                          "mapping": ((f"student/{keep}", "student/"),)},)
     config.trainable = (("student/dual/.*", None), (".*", {}))   # towers (and tau) frozen
@@ -58,6 +69,16 @@ def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
       lp.itm_negatives = "mixed"
     if preset == "cross_only_bert_init":
       config.model.cross_init_std = 0.02
+    if preset == "cross_only_gated":
+      config.model.cross_gate = True
+    if preset == "cross_only_single_stream":
+      config.model.cross_encoder = "single_stream"
+    if preset == "cross_only_low_lr":
+      config.optim.learning_rate = 3e-4
+      config.trainable = (("student/dual/.*", None), (PRETRAINED, {"learning_rate": 1e-4}),
+                          (".*", {}))
+    if preset == "cross_only_swap":
+      config.data.swap_fraction = 1.0
     return config
   if preset != "tiny":
     config.train.num_steps, lp.itc_only_steps = 2400, 400

@@ -41,6 +41,7 @@ def _model(preset: str) -> ml_collections.ConfigDict:
   m.text_pool = "cls"         # text embedding: cls (token 0) | mean (over real tokens, MiniLM's)
   m.itm_pool = "cls"          # what a cross encoder's ITM head reads: cls | mean (fused tokens)
   m.cross_init_std = 0.0      # bert cross encoder's new cross-attention: 0 = LeCun, >0 = N(0, std)
+  m.cross_gate = False        # bert cross encoder: tanh gate (starting at 0) on cross-attention
   m.efficientnet_input_size = 128   # efficientnet_lite0: side the image is resized to (32 x cells)
   m.image_mean, m.image_std = 0.2628, 0.3470   # data/compositional.py's pixel normalisation
   m.bert_max_positions = 512  # bert: position-embedding rows (>= max_len)

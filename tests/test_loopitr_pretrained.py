@@ -75,3 +75,72 @@ def test_cross_encoder_is_the_second_half_with_new_cross_attention(built):
   changed = [k for k in flat if not np.array_equal(flat[k], random[k])]
   assert all(k.startswith(("student/dual/text_encoder/", "student/cross/layer_")) for k in changed)
   assert len(changed) == 53 + 48
+
+
+def _built_variant(**model_fields):
+  """The cpu preset with model fields overridden, init_from applied -> (config, model, params)."""
+  config = recipe_config("loopitr", "cpu")
+  config.model.vocab_size = 30522
+  config.model.update(model_fields)
+  model = build_model(config.model)
+  random = {"student": jax.jit(lambda k: init_params(model, config.model, k))(
+      jax.random.PRNGKey(0))}
+  params, _ = apply_init_from(random, config.init_from)
+  return config, model, params
+
+
+def _fuse(model, params, tokens, mask, image_tokens):
+  from jaxdistill.models.loopitr import LoopITRModel
+  return np.asarray(model.apply({"params": params["student"]}, tokens, mask, image_tokens,
+                                method=LoopITRModel.fuse))
+
+
+def test_gated_cross_encoder_starts_as_minilms_second_half(built):
+  """model.cross_gate: tanh(0) = 0 and no extra LayerNorm, so at init the cross encoder is
+  exactly MiniLM's layers 3-5 on the text tower's output (hidden state 6 of transformers), for
+  any image; the gate itself gets a gradient."""
+  hf = built[4]
+  config, model, params = _built_variant(cross_gate=True)
+  ids, mask = encode(load_pretrained_tokenizer(minilm_dir()), CAPTIONS, config.model.max_len)
+  _, tokens = towers(model).embed_text(params["student"], ids, mask)
+  with torch.no_grad():
+    want = hf(input_ids=torch.tensor(ids, dtype=torch.long),
+              attention_mask=torch.tensor(mask, dtype=torch.long),
+              output_hidden_states=True).hidden_states[-1].numpy()
+  real = mask > 0
+  images = jax.random.normal(jax.random.PRNGKey(1), (2, len(CAPTIONS), 5, config.model.vision_width))
+  for image_tokens in images:
+    np.testing.assert_allclose(_fuse(model, params, tokens, mask, image_tokens)[real], want[real],
+                               atol=3e-4)
+  from jaxdistill.models.loopitr import LoopITRModel
+
+  def score(p):
+    return model.apply({"params": p}, tokens, mask, images[0],
+                       method=LoopITRModel.match_logits)[:, 0].sum()
+  grads = flatten(jax.grad(score)(params["student"]))
+  gates = [k for k in grads if k.endswith("crossattention_gate")]
+  assert len(gates) == config.model.cross_layers
+  assert all(abs(float(grads[k])) > 0 for k in gates)
+  assert not any(k.endswith("crossattention_ln/scale") for k in grads)
+
+
+def test_single_stream_cross_encoder_from_minilms_second_half(built):
+  """model.cross_encoder=single_stream: the same MiniLM layers (self-attention only) load into
+  it; caption outputs depend on the image but not on the order of its tokens (self-attention is
+  permutation-equivariant; the tokens carry their positions from the image tower)."""
+  hf = built[4]
+  config, model, params = _built_variant(cross_encoder="single_stream")
+  flat = flatten(params)
+  layer = hf.encoder.layer[config.model.text_layers]
+  np.testing.assert_array_equal(flat["student/cross/layer_0/attention/query/kernel"],
+                                layer.attention.self.query.weight.detach().numpy().T)
+  assert not any("crossattention" in k for k in flat)
+  ids, mask = encode(load_pretrained_tokenizer(minilm_dir()), CAPTIONS, config.model.max_len)
+  _, tokens = towers(model).embed_text(params["student"], ids, mask)
+  image = jax.random.normal(jax.random.PRNGKey(1), (len(CAPTIONS), 5, config.model.vision_width))
+  fused = _fuse(model, params, tokens, mask, image)
+  assert fused.shape == tokens.shape
+  real = mask > 0
+  np.testing.assert_allclose(_fuse(model, params, tokens, mask, image[:, ::-1])[real], fused[real],
+                             atol=1e-4)
+  assert np.abs(_fuse(model, params, tokens, mask, 2 * image + 1)[real] - fused[real]).max() > 1e-2

@@ -67,6 +67,7 @@ class BertLayer(nn.Module):
   cross_attention: bool = False
   dtype: Any = jnp.float32
   cross_kernel_init: Any = nn.linear.default_kernel_init
+  cross_gate: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None, context: jax.Array | None = None,
@@ -75,9 +76,13 @@ class BertLayer(nn.Module):
     x = ln("attention_ln")(x + BertAttention(self.num_heads, self.dtype, name="attention")(
         x, x, mask))
     if self.cross_attention and context is not None:
-      x = ln("crossattention_ln")(x + BertAttention(
-          self.num_heads, self.dtype, self.cross_kernel_init, name="crossattention")(
-              x, context, context_mask))
+      y = BertAttention(self.num_heads, self.dtype, self.cross_kernel_init,
+                        name="crossattention")(x, context, context_mask)
+      if self.cross_gate:   # Flamingo's tanh gate, 0 at init, and no LayerNorm: x unchanged
+        x = x + jnp.tanh(self.param("crossattention_gate", nn.initializers.zeros, ())).astype(
+            y.dtype) * y
+      else:
+        x = ln("crossattention_ln")(x + y)
     y = activation(self.hidden_act)(
         nn.Dense(self.intermediate_size, dtype=self.dtype, name="intermediate")(x))
     return ln("output_ln")(x + nn.Dense(x.shape[-1], dtype=self.dtype, name="output")(y))
@@ -144,6 +149,9 @@ class BertFusion(nn.Module):
   cross_init_std: 0 = the new cross-attention's Dense kernels take Flax's default (LeCun normal,
   std 1/sqrt(fan_in)); > 0 = normal(0, cross_init_std), as HF BERT initialises every Linear
   (initializer_range, 0.02), so that the image enters the text stream gently at the start.
+  cross_gate: x + tanh(g) * CrossAttn(x, image) with g a learnt scalar starting at 0 and no
+  crossattention_ln (Flamingo, Alayrac et al. 2022, eq. 1): at the start the layers compute
+  exactly the checkpoint's text layers, and the image enters as training opens the gate.
   """
   num_layers: int
   num_heads: int
@@ -152,6 +160,7 @@ class BertFusion(nn.Module):
   hidden_act: str = "gelu"
   dtype: Any = jnp.float32
   cross_init_std: float = 0.0
+  cross_gate: bool = False
 
   @nn.compact
   def __call__(self, text_tokens: jax.Array, text_mask: jax.Array, image_tokens: jax.Array,
@@ -162,8 +171,44 @@ class BertFusion(nn.Module):
             else nn.linear.default_kernel_init)
     for i in range(self.num_layers):
       x = BertLayer(self.num_heads, self.intermediate_size, self.layer_norm_eps, self.hidden_act,
-                    True, self.dtype, init, name=f"layer_{i}")(x, text_mask, image_tokens, None)
+                    True, self.dtype, init, self.cross_gate, name=f"layer_{i}")(
+                        x, text_mask, image_tokens, None)
     return x
+
+
+class BertSingleStream(nn.Module):
+  """A single-stream cross encoder (paper 001's name for ALBEF-like teachers; the ViLT / UNITER
+  layout): BERT's last layers as self-attention over the caption tokens followed by the image
+  tokens, so that words and image cells attend to each other from the first layer.
+
+  text_tokens [B, L, D], text_mask [B, L], image_tokens [B, M, Dv] -> fused caption positions
+  [B, L, D] (the image positions are dropped after the last layer, so [CLS] / mean pooling read
+  the same places as in BertFusion). The image tokens enter through a new Dense (Dv -> D), a
+  learnt image-type vector and a LayerNorm (`image_proj`, `image_type`, `image_ln`: the text
+  tokens are post-LN outputs, so both streams start at the same scale). Params layer_<i>/
+  {attention, attention_ln, intermediate, output, output_ln} are the CHECKPOINT_SUBLAYERS.
+  """
+  num_layers: int
+  num_heads: int
+  intermediate_size: int
+  layer_norm_eps: float = 1e-12
+  hidden_act: str = "gelu"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, text_tokens: jax.Array, text_mask: jax.Array, image_tokens: jax.Array,
+               deterministic: bool = True) -> jax.Array:
+    del deterministic
+    width, length = text_tokens.shape[-1], text_tokens.shape[1]
+    image = nn.Dense(width, dtype=self.dtype, name="image_proj")(image_tokens)
+    image = image + self.param("image_type", nn.initializers.zeros, (width,)).astype(image.dtype)
+    image = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="image_ln")(image)
+    x = jnp.concatenate([text_tokens, image.astype(text_tokens.dtype)], axis=1)
+    mask = jnp.concatenate([text_mask, jnp.ones(image.shape[:2], text_mask.dtype)], axis=1)
+    for i in range(self.num_layers):
+      x = BertLayer(self.num_heads, self.intermediate_size, self.layer_norm_eps, self.hidden_act,
+                    dtype=self.dtype, name=f"layer_{i}")(x, mask)
+    return x[:, :length]
 
 
 def cls_pool(tokens: jax.Array) -> jax.Array:

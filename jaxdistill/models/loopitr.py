@@ -11,7 +11,11 @@ Cross encoders (`model.cross_encoder`):
   it (paper 003 §4: the text encoder is BERT's first half, the cross encoder its second half
   with new cross-attention; config.init_from). Its cross-attention reads the image tokens at
   their own width (keys / values project them); the text tokens are mapped to cross_width
-  only when their width differs.
+  only when their width differs. `model.cross_gate` puts a tanh gate starting at 0 on each
+  cross-attention output (Flamingo).
+- "single_stream" (models/bert.BertSingleStream): the same BERT layers as self-attention over
+  caption tokens + projected image tokens (ViLT / UNITER; paper 001's "single-stream"), from
+  the same checkpoint layers.
 
 Every method is a linen method: `model.apply({"params": params}, images,
 method=LoopITRModel.encode_image)`, and likewise encode_text, match_logits, mlm_logits,
@@ -28,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxdistill.models.bert import BertFusion, mean_pool
+from jaxdistill.models.bert import BertFusion, BertSingleStream, mean_pool
 from jaxdistill.models.cross import CrossEncoder, ITMHead, MLMHead
 from jaxdistill.models.dual import DualEncoder
 from jaxdistill.models.towers import image_tower, image_width, text_tower
@@ -41,7 +45,7 @@ CONFIG_FIELDS = (
     "vocab_size", "max_len", "embed_dim", "image_pool", "temperature_init", "dropout_rate",
 )
 DTYPES = ("float32", "bfloat16")
-CROSS_ENCODERS = ("prenorm", "bert")
+CROSS_ENCODERS = ("prenorm", "bert", "single_stream")
 ITM_POOLS = ("cls", "mean")
 
 
@@ -71,7 +75,13 @@ class LoopITRModel(nn.Module):
       self.cross = BertFusion(mc.cross_layers, mc.cross_heads, mc.cross_mlp,
                               layer_norm_eps=mc.bert_layer_norm_eps,
                               hidden_act=mc.bert_hidden_act, dtype=self.dtype,
-                              cross_init_std=mc.get("cross_init_std", 0.0))
+                              cross_init_std=mc.get("cross_init_std", 0.0),
+                              cross_gate=mc.get("cross_gate", False))
+    elif kind == "single_stream":
+      self.image_to_cross = None
+      self.cross = BertSingleStream(mc.cross_layers, mc.cross_heads, mc.cross_mlp,
+                                    layer_norm_eps=mc.bert_layer_norm_eps,
+                                    hidden_act=mc.bert_hidden_act, dtype=self.dtype)
     else:
       raise ValueError(f"--config.model.cross_encoder={kind!r} is not valid: use one of "
                        f"{', '.join(CROSS_ENCODERS)}")
