@@ -27,7 +27,7 @@ def similarity_logits(img_emb: jax.Array, txt_emb: jax.Array,
   return i2t, i2t.T
 
 
-def _row_cross_entropy(logits: jax.Array, positive_columns: jax.Array) -> jax.Array:
+def row_cross_entropy(logits: jax.Array, positive_columns: jax.Array) -> jax.Array:
   """-log softmax(logits)[r, positive_columns[r]] for each row r. [R, C], [R] -> [R]."""
   dtype = jnp.promote_types(logits.dtype, jnp.float32)   # bf16 -> f32; f32 / f64 unchanged
   log_p = jax.nn.log_softmax(logits.astype(dtype), axis=-1)
@@ -52,6 +52,6 @@ def contrastive_loss(logits_i2t: jax.Array, logits_t2i: jax.Array,
   chex.assert_equal_shape([logits_i2t, logits_t2i])
   chex.assert_equal_shape_prefix([logits_i2t, positive_columns], 1)
   chex.assert_type(positive_columns, int)
-  i2t = jnp.mean(_row_cross_entropy(logits_i2t, positive_columns))
-  t2i = jnp.mean(_row_cross_entropy(logits_t2i, positive_columns))
+  i2t = jnp.mean(row_cross_entropy(logits_i2t, positive_columns))
+  t2i = jnp.mean(row_cross_entropy(logits_t2i, positive_columns))
   return (i2t + t2i) / 2, {"itc_i2t": i2t, "itc_t2i": t2i}
