@@ -13,6 +13,7 @@ import tokenizers
 
 from jaxdistill.data.compositional import CompositionalSplit, build_benchmark
 from jaxdistill.data.fashion_mnist import load_fashion_mnist
+from jaxdistill.data.unpaired import SPLIT as UNPAIRED, build_unpaired_pool
 from jaxdistill.data.tokenizer import (SpecialIds, build_tokenizer, encode,
                                        load_pretrained_tokenizer, load_tokenizer, save_tokenizer,
                                        special_ids)
@@ -39,14 +40,18 @@ class Benchmark:
 
 
 def prepare_benchmark(config: ml_collections.ConfigDict, workdir: str | None) -> Benchmark:
-  """Generates the splits from config.data, and loads the workdir's tokenizer, else reads
-  config.data.tokenizer (a pretrained one) or builds one from the train captions, and saves it
-  in the workdir."""
+  """Generates the splits from config.data (plus the "unpaired" pool of data/unpaired.py when
+  config.data.num_unpaired > 0, a key only Leaner-and-Faster's configs set), and loads the
+  workdir's tokenizer, else reads config.data.tokenizer (a pretrained one) or builds one from the
+  train captions, and saves it in the workdir."""
   d = config.data
   fmnist = load_fashion_mnist(d.fashion_mnist_dir or None)
   splits = build_benchmark(fmnist, seed=d.seed, num_train=d.num_train, num_val=d.num_val,
                            num_test=d.num_test, group_size=d.group_size,
                            swap_fraction=d.swap_fraction)
+  if d.get("num_unpaired", 0) > 0:
+    splits[UNPAIRED] = build_unpaired_pool(fmnist, splits, seed=d.seed, num=d.num_unpaired,
+                                           group_size=d.group_size)
   path = os.path.join(workdir, TOKENIZER_FILE) if workdir else None
   if path and os.path.exists(path):
     tokenizer = load_tokenizer(path)

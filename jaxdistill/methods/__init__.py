@@ -3,6 +3,8 @@
 Each recipe module has `build(config, mesh, bench, steps_per_epoch) -> Recipe` (methods/base.py),
 `teacher_names(config)` (the config.teachers sections it reads) and may have
 `validate(config)` (its own section's checks). Only `jaxdistill.main` imports this package.
+A config with a `pipeline` section (configs/leaner_faster.py) is a chain of such runs:
+`validate` and `train` hand it to train/pipeline.py with the single-run functions below.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import types
 
 from jaxdistill.config import ConfigError, validate_teachers
 
-RECIPES = ("loopitr", "dual", "cprd", "mcad")
+RECIPES = ("loopitr", "dual", "cprd", "mcad", "leaner_faster")
 
 
 def recipe_module(config) -> types.ModuleType:
@@ -23,7 +25,13 @@ def recipe_module(config) -> types.ModuleType:
 
 
 def validate(config) -> None:
-  """The recipe's own checks and those of the teachers it reads (before anything compiles)."""
+  """The recipe's own checks and those of the teachers it reads (before anything compiles);
+  for a pipeline, the structure of its stage list (each stage's run is checked in full here
+  when its turn comes)."""
+  from jaxdistill.train import pipeline
+  if pipeline.is_pipeline(config):
+    pipeline.validate_pipeline(config, RECIPES)
+    return
   module = recipe_module(config)
   if hasattr(module, "validate"):
     module.validate(config)
@@ -36,6 +44,10 @@ def build(config, mesh, bench, steps_per_epoch: int):
 
 
 def train(config, workdir: str):
-  """--mode=train: trains config.method's recipe in workdir and evaluates its student."""
+  """--mode=train: trains config.method's recipe in workdir and evaluates its student; a
+  pipeline config runs its stages in <workdir>/<stage>/ (train/pipeline.py)."""
+  from jaxdistill.train import pipeline
   from jaxdistill.train.loop import train_and_evaluate
+  if pipeline.is_pipeline(config):
+    return pipeline.run_pipeline(config, workdir, train, validate, RECIPES)
   return train_and_evaluate(config, workdir, build)

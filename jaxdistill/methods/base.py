@@ -12,7 +12,9 @@ from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
+import numpy as np
 
+from jaxdistill.config import ConfigError
 from jaxdistill.models.build import build_model, init_params
 from jaxdistill.store.run import STUDENT  # noqa: F401  (recipes name their student module so)
 
@@ -69,3 +71,20 @@ def student_module(config) -> Module:
   """The "student" module built from config.model (models/build.py)."""
   model = build_model(config.model)
   return Module(model, lambda key: init_params(model, config.model, key))
+
+
+def check_teacher_tokenizer(method: str, name: str, teacher, bench) -> None:
+  """A teacher reads the student's token ids: one with its own vocabulary (teacher.tokenize) must
+  agree with the benchmark's tokenizer on the train captions it is shown, else ConfigError."""
+  if teacher.tokenize is None:
+    return
+  ids, mask = bench.tokens["train"]
+  sample = [bench.splits["train"].captions[i][0] for i in range(min(32, len(ids)))]
+  t_ids, t_mask = teacher.tokenize(sample)
+  width = min(t_ids.shape[1], ids.shape[2])
+  same = (np.array_equal(t_ids[:, :width] * t_mask[:, :width], ids[:len(sample), 0, :width])
+          and int(t_mask.sum()) == int(mask[:len(sample), 0].sum()))
+  if not same:
+    raise ConfigError(f"{method}: teacher {name!r} ({teacher.name}) tokenizes captions differently "
+                      "from the student (--config.data.tokenizer): train the teacher with the "
+                      "student's tokenizer, or give the student the teacher's")

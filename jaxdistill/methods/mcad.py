@@ -30,13 +30,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from jax.sharding import Mesh
 
 from jaxdistill.config import ConfigError
 from jaxdistill.losses import mcad
 from jaxdistill.losses.contrastive import similarity_logits
-from jaxdistill.methods.base import STUDENT, Module, Recipe, dropout_rngs, student_module
+from jaxdistill.methods.base import (STUDENT, Module, Recipe, check_teacher_tokenizer,
+                                     dropout_rngs, student_module)
 from jaxdistill.models.build import towers as towers_of
 from jaxdistill.models.mcad_integration import IntegrationModule
 from jaxdistill.teachers import load_teacher
@@ -166,23 +166,6 @@ def make_loss_fn(config: ml_collections.ConfigDict, student_model, integration_m
   return loss_fn
 
 
-def _check_tokenizer(name: str, teacher, bench) -> None:
-  """Both teachers read the student's token ids: a teacher with its own vocabulary must agree
-  with the benchmark's tokenizer on the train captions it is shown."""
-  if teacher.tokenize is None:
-    return
-  ids, mask = bench.tokens["train"]
-  sample = [bench.splits["train"].captions[i][0] for i in range(min(32, len(ids)))]
-  t_ids, t_mask = teacher.tokenize(sample)
-  width = min(t_ids.shape[1], ids.shape[2])
-  same = (np.array_equal(t_ids[:, :width] * t_mask[:, :width], ids[:len(sample), 0, :width])
-          and int(t_mask.sum()) == int(mask[:len(sample), 0].sum()))
-  if not same:
-    raise ConfigError(f"mcad: teacher {name!r} ({teacher.name}) tokenizes captions differently "
-                      "from the student (--config.data.tokenizer): train the teacher with the "
-                      "student's tokenizer, or give the student the teacher's")
-
-
 def build(config: ml_collections.ConfigDict, mesh: Mesh, bench, steps_per_epoch: int) -> Recipe:
   """The MCAD recipe: "student" (+ "integration" with mt / mt_fa); frozen = the dual and cross
   teachers' params (config.teachers.dual / .cross), as far as the terms read them."""
@@ -202,7 +185,7 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, bench, steps_per_epoch:
     raise ConfigError(f"--config.teachers.cross ({cross.name}) gives no single-stream pair "
                       "outputs (match probability + fused [CLS]): point it at a LoopITR run")
   for name, teacher in loaded.items():
-    _check_tokenizer(name, teacher, bench)
+    check_teacher_tokenizer("mcad", name, teacher, bench)
   mc = config.model
   images = jnp.zeros((1, mc.image_size, mc.image_size, mc.channels), jnp.float32)
   dual_dim = dual.embed_images(dual.params, images).shape[-1] if dual is not None else None

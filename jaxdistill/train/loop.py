@@ -102,13 +102,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   bench = prepare_benchmark(config, workdir)
   with config.unlocked():
     config.model.vocab_size = bench.vocab_size
-  train_split = bench.splits["train"]
+  split_name = config.data.get("train_split", "train")   # "unpaired": paper 000's stage-1 pool
+  train_split = bench.splits[split_name]
   steps_per_epoch = max(len(train_split.image_ids) // config.batch_size, 1)
   dataset = pipeline.train_dataset(
-      train_split, *bench.tokens["train"], global_batch_size=config.batch_size,
+      train_split, *bench.tokens[split_name], global_batch_size=config.batch_size,
       group_size=config.data.group_size, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      negatives=training_negatives(config, train_split.image_ids, bench.tokens["train"][0].shape[1]))
+      negatives=training_negatives(config, train_split.image_ids, bench.tokens[split_name][0].shape[1]))
   data_iter = iter(dataset)
   # --- recipe ---
   recipe = build_recipe(config, mesh, bench, steps_per_epoch)
