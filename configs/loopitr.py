@@ -26,7 +26,8 @@ import ml_collections
 
 from jaxdistill import config as base_config
 from jaxdistill.models.bert import CHECKPOINT_SUBLAYERS
-from jaxdistill.pretrained.packaged import efficientnet_path, minilm_dir
+from jaxdistill.pretrained import tower_configs
+from jaxdistill.pretrained.packaged import minilm_dir
 from jaxdistill.pretrained.towers import bert_fields
 
 PRESETS = ("tiny", "cpu", "cpu_efficientnet", "scratch", "paper")
@@ -43,7 +44,7 @@ def from_pretrained_halves(config: ml_collections.ConfigDict, path: str) -> None
   m.text_layers = m.cross_layers = half
   m.cross_encoder, m.text_pool = "bert", "mean"
   m.cross_width, m.cross_heads, m.cross_mlp = m.text_width, m.text_heads, m.text_mlp
-  m.max_len = 36                                    # MiniLM tokens of the longest caption
+  m.max_len = tower_configs.MINILM_MAX_LEN          # MiniLM tokens of the longest caption
   config.data.tokenizer = path
   config.init_from = tuple(config.init_from) + (
       {"source": f"pretrained:{path}", "architecture": "bert", "layers": f"first:{half}",
@@ -51,15 +52,6 @@ def from_pretrained_halves(config: ml_collections.ConfigDict, path: str) -> None
       {"source": f"pretrained:{path}", "architecture": "bert", "layers": f"last:{half}",
        "mapping": ((f"student/cross/(?=layer_\\d+/({CHECKPOINT_SUBLAYERS})/)", "bert/"),)},
   )
-
-
-def efficientnet_image_tower(config: ml_collections.ConfigDict, input_size: int) -> None:
-  """The ImageNet EfficientNet-Lite0 image tower (models/towers.py), from the packaged weights."""
-  m = config.model
-  m.image_tower, m.vision_width, m.efficientnet_input_size = "efficientnet_lite0", 1280, input_size
-  config.init_from = tuple(config.init_from) + (
-      {"source": f"pretrained:{efficientnet_path()}", "architecture": "efficientnet_lite0",
-       "layers": "", "mapping": (("student/dual/image_encoder/", ""),)},)
 
 
 def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
@@ -107,5 +99,5 @@ def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
     lp.mlm_weight = 0.0
     config.eval.rerank_k = 4
     if preset == "cpu_efficientnet":
-      efficientnet_image_tower(config, input_size=64)
+      tower_configs.efficientnet_lite0(config, "student/dual/", input_size=64)
   return config

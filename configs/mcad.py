@@ -1,12 +1,16 @@
 r"""MCAD (paper 001): dual-encoder student, dual-stream + single-stream teachers fused by a
 trainable integration module; L_total = L_MT + L_MT_FA (eq. 7-9).
 
-Run (CPU preset, bundled benchmark; teachers = the benchmark's, configs/teacher.py):
+Run (CPU preset, bundled benchmark; teachers = the benchmark's, configs/teacher.py; the mobile
+preset's: configs/lit_teacher.py -> runs/lit_teacher, configs/loopitr.py -> runs/loopitr):
   python -m jaxdistill.main --config=configs/teacher.py:dual --workdir=runs/teacher_dual
   python -m jaxdistill.main --config=configs/teacher.py:cpu --workdir=runs/teacher
   python -m jaxdistill.main --config=configs/mcad.py --workdir=runs/mcad
 Presets: --config=configs/mcad.py:tiny (seconds; tests set the teacher paths), :cpu (default),
-         :paper (k = 11, lr 1e-4, two-layer MLPs; App. A-B)
+         :paper (k = 11, lr 1e-4, two-layer MLPs; App. A-B),
+         :mobile (paper 001 §4.3's phone student, MobileViTv2 + TinyBERT there: here the ImageNet
+         EfficientNet-Lite0 image tower at 64 px and MiniLM-L6's first 3 layers, both from the
+         packaged weights via init_from; the cpu preset's recipe; export: docs/export.md)
 Table 1 (one switch; same student, steps, seed; methods/mcad.py TABLE_1):
   --config.mcad.loss=gt | clip | gt+clip | albef+gt | clip+clip_fa | mt | mt+mt_fa
 Table 4:  --config.mcad.k=5 | 11 | 17
@@ -15,10 +19,19 @@ Table 4:  --config.mcad.k=5 | 11 | 17
 import ml_collections
 
 from jaxdistill import config as base_config
+from jaxdistill.pretrained import tower_configs
+
+PRESETS = ("tiny", "cpu", "paper", "mobile")
+MOBILE_TEXT_LAYERS = 3           # MiniLM-L6 truncated (TinyBERT-4 in paper 001 §4.3)
+MOBILE_INPUT_SIZE = 64           # 56 px grid -> 64 px: a 2 x 2 head map, one slot per grid cell
 
 
 def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
-  config = base_config.base_config(preset)
+  if preset not in PRESETS:
+    raise ValueError(f"unknown mcad preset {preset!r}: use one of {', '.join(PRESETS)} "
+                     "(e.g. --config=configs/mcad.py:cpu)")
+  mobile = preset == "mobile"
+  config = base_config.base_config("cpu" if mobile else preset)
   config.method = "mcad"
   tiny, paper = preset == "tiny", preset == "paper"
   if paper:   # paper 001 App. A: AdamW, lr 1e-4 (the ALBERT + MobileViT rows), warm-up + cosine
@@ -27,6 +40,16 @@ def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
   # The student's embedding width is the dual teacher's (configs/teacher.py: 256), so that
   # L_CLIP_FA (eq. 17) can dot student features with teacher features: one student for every row.
   config.model.embed_dim = 32 if tiny else 256
+  if mobile:   # model.kind=dual: the towers are student/image_encoder, student/text_encoder
+    tower_configs.efficientnet_lite0(config, "student/", MOBILE_INPUT_SIZE)
+    tower_configs.minilm(config, "student/", MOBILE_TEXT_LAYERS)
+    # GELU's tanh form (|difference| <= 5e-4 from MiniLM's erf GELU): TFLite fuses it into its
+    # GELU op, which runs in int8; erf does not quantise (docs/export.md, full-integer int8)
+    config.model.bert_hidden_act = "gelu_pytorch_tanh"
+    # 2 CPU cores: MiniLM's 3 layers over 36 tokens dominate a step (~4.6 s at batch 32 with
+    # L_GT, shared machine): 200 steps ~15 min (docs/benchmarks.md)
+    config.batch_size, config.train.num_steps = 32, 200
+    config.optim.warmup_steps, config.train.checkpoint_every = 20, 100
 
   mc = config.mcad = ml_collections.ConfigDict()
   mc.loss = "mt+mt_fa"             # '+'-separated terms of methods/mcad.py TERMS (Table 1)
@@ -40,4 +63,8 @@ def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
 
   config.teachers.dual = base_config.teacher_section("workdir", "" if tiny else "runs/teacher_dual")
   config.teachers.cross = base_config.teacher_section("workdir", "" if tiny else "runs/teacher")
+  if mobile:   # teachers that tokenize as MiniLM does (methods/mcad.py checks it): the LiT
+    # teacher (MiniLM-L6 + EfficientNet-Lite0, E = 256) and the MiniLM LoopITR run's cross encoder
+    config.preset = "mobile"
+    config.teachers.dual.path, config.teachers.cross.path = "runs/lit_teacher", "runs/loopitr"
   return config

@@ -18,7 +18,7 @@ import ml_collections
 from jaxdistill.errors import JaxDistillError
 
 PRESETS = ("tiny", "cpu", "paper")
-EXPORT_QUANTIZATIONS = ("none", "float16", "int8")   # export/tflite.py
+EXPORT_QUANTIZATIONS = ("none", "float16", "int8", "int8_full")   # export/tflite.py
 
 
 class ConfigError(JaxDistillError, ValueError):
@@ -114,8 +114,10 @@ def base_config(preset: str = "cpu") -> ml_collections.ConfigDict:
 
   x = c.export = ml_collections.ConfigDict()   # --mode=export: TFLite towers (export/)
   x.quantization = "none"        # none | float16 | int8 (dynamic range: int8 weights, float math)
+                                 # | int8_full (full integer: int8 weights and activations)
   x.parity_split = "test"        # held-out split for the TFLite-vs-JAX parity check
   x.image_batch_size = 1         # static batch of image_encoder.tflite (1: phone; more: indexing)
+  x.representative_size = 200    # int8_full: train images (one caption each) scales calibrate on
 
   # Named frozen teachers (teachers/): recipes add the sections they read (teacher_section).
   c.teachers = ml_collections.ConfigDict()
@@ -268,6 +270,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, mode: str = "t
     if config.export.image_batch_size < 1:
       raise ConfigError(f"--config.export.image_batch_size={config.export.image_batch_size} must "
                         "be at least 1 (1 for a phone, e.g. 32 for indexing)")
+    size = config.export.get("representative_size", 200)
+    if size < config.export.image_batch_size:
+      raise ConfigError(f"--config.export.representative_size={size} must be at least "
+                        f"--config.export.image_batch_size={config.export.image_batch_size} (the "
+                        "int8_full calibration runs whole image batches; 200 is the default)")
   if "mining" in config:
     _validate_mining(config)
   if mode == "train":

@@ -37,8 +37,9 @@ def test_default_presets_validate():
     _validate(recipe_config("loopitr", preset))
   for preset in ("tiny", "paper", "random_itm", "swap", "low_lr", "itm_mean"):
     _validate(recipe_config("loopitr_long", preset))
-  for name in ("dual", "cprd", "mcad"):
-    for preset in ("tiny", "cpu"):
+  for name, presets in (("dual", ("tiny", "cpu")), ("cprd", ("tiny", "cpu")),
+                        ("mcad", ("tiny", "cpu", "mobile"))):
+    for preset in presets:
       config = recipe_config(name, preset)
       for teacher in config.teachers.values():   # an online teacher must exist: any existing
         teacher.path = REPO                      # path passes validation

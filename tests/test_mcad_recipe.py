@@ -168,3 +168,23 @@ def test_trains_end_to_end_with_workdir_teachers(tmp_path):
   assert np.isfinite(results["dual"]["rsum"])
   rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
   assert rows[-1]["step"] == 3 and np.isfinite(rows[-1]["mt_fa"]) and "alpha" in rows[-1]
+
+
+def test_mobile_preset_trains_from_the_packaged_weights(tmp_path):
+  """configs/mcad.py:mobile (EfficientNet-Lite0 + MiniLM-L6's first 3 layers, both through
+  init_from; embed_dim = the dual teacher's 256) validates and trains 2 steps of the L_GT row,
+  which reads no teacher."""
+  config = recipe_config("mcad", "mobile")
+  assert config.model.embed_dim == 256 and config.model.text_layers == 3
+  assert [e["architecture"] for e in config.init_from] == ["efficientnet_lite0", "bert"]
+  config.mcad.loss = "gt"
+  config.batch_size, config.data.group_size = 8, 4
+  config.data.num_train, config.data.num_val, config.data.num_test = 64, 16, 16
+  config.train.num_steps = config.train.checkpoint_every = 2
+  config.optim.warmup_steps = 1
+  config.eval.split = "val"
+  methods.validate(config)
+  results = methods.train(config, str(tmp_path / "run"))
+  assert np.isfinite(results["dual"]["rsum"])
+  rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+  assert rows[-1]["step"] == 2 and np.isfinite(rows[-1]["gt"])

@@ -5,8 +5,9 @@ manifest says, ids / mask into the text model) vs the JAX towers on the same inp
   - per-example cosine between the two embeddings, min and mean, per tower;
   - text->image and image->text R@1 (and t2i R@10) of each on the inputs (evaluate/retrieval.py
     protocol).
-Bars (min cosine over every example): none 0.9999, float16 0.999, int8 0.99; for int8 also
-|t2i R@1 (TFLite) - t2i R@1 (JAX)| <= 1 point.
+Bars (min cosine over every example): none 0.9999, float16 0.999, int8 0.99, int8_full 0.95
+(per-tensor int8 activations: 0.977-0.999 on the mobile student, every broken export < 0.9;
+docs/export.md); for int8 and int8_full also |t2i R@1 (TFLite) - t2i R@1 (JAX)| <= 1 point.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from jaxdistill.evaluate.retrieval import recall_at_k
 from jaxdistill.export import ExportError
 from jaxdistill.search import Exported
 
-COSINE_MIN = {"none": 0.9999, "float16": 0.999, "int8": 0.99}
-T2I_R1_MAX_GAP = {"int8": 1.0}   # points
+COSINE_MIN = {"none": 0.9999, "float16": 0.999, "int8": 0.99, "int8_full": 0.95}
+T2I_R1_MAX_GAP = {"int8": 1.0, "int8_full": 1.0}   # points
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -5,9 +5,10 @@
   text_encoder.tflite    ids int32 [1, L], mask int32 [1, L] -> embedding float32 [1, E]
   tokenizer.json         the run's tokenizer
   manifest.json          signatures, normalisation, versions, config, checksums, parity
+                         (int8_full: each tower's calibration: train examples drawn, rewrites)
 
   python -m jaxdistill.main --config=configs/loopitr.py --workdir=runs/loopitr --mode=export \
-      [--config.export.quantization=none|float16|int8]
+      [--config.export.quantization=none|float16|int8|int8_full]
 
 One code path for every run: the network comes from the run's own config.json (store/run.py,
 no recipe or teacher is built) and its towers' `embed_image` / `embed_text` (the embedding, [0])
@@ -88,22 +89,30 @@ def export_towers(towers: Towers, params, config: ml_collections.ConfigDict, ben
                  tflite.InputSpec("mask", (m.max_len,), "int32")]
   embed_image = lambda p, images: towers.embed_image(p, images)[0]
   embed_text = lambda p, ids, mask: towers.embed_text(p, ids, mask)[0]
+  image_rep = text_rep = None
+  calibration = {"image": {}, "text": {}}
+  if quantization == "int8_full":
+    image_rep, text_rep, drawn = representative_dataset(bench, config.export.representative_size)
+    for tower in calibration.values():
+      tower.update(drawn, rewrites={})
   parent = os.path.dirname(os.path.abspath(directory))
   os.makedirs(parent, exist_ok=True)
   staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(directory)}-")
   try:
     t0 = time.time()
-    for file, fn, inputs, what, batch in (
-        (IMAGE_FILE, embed_image, image_inputs, "image encoder", image_batch),
-        (TEXT_FILE, embed_text, text_inputs, "text encoder", 1)):
-      _write_bytes(os.path.join(staging, file),
-                   tflite.convert(fn, params, inputs, quantization, what, batch))
+    for file, fn, inputs, what, batch, rep, cal in (
+        (IMAGE_FILE, embed_image, image_inputs, "image encoder", image_batch, image_rep,
+         calibration["image"]),
+        (TEXT_FILE, embed_text, text_inputs, "text encoder", 1, text_rep, calibration["text"])):
+      _write_bytes(os.path.join(staging, file), tflite.convert(
+          fn, params, inputs, quantization, what, batch, rep, cal.get("rewrites")))
     save_tokenizer(bench.tokenizer, os.path.join(staging, TOKENIZER_FILE))
+    extra = lambda tower: {"calibration": calibration[tower]} if calibration[tower] else {}
     entries = dict(
         image=manifest.tower(IMAGE_FILE, image_inputs, image_batch, m.embed_dim, normalization={
-            "scale": 255.0, "mean": IMAGE_MEAN, "std": IMAGE_STD}),
+            "scale": 255.0, "mean": IMAGE_MEAN, "std": IMAGE_STD}, **extra("image")),
         text=manifest.tower(TEXT_FILE, text_inputs, 1, m.embed_dim, tokenizer=TOKENIZER_FILE,
-                            max_len=m.max_len, encoding=manifest.TEXT_ENCODING),
+                            max_len=m.max_len, encoding=manifest.TEXT_ENCODING, **extra("text")),
         file_table=manifest.files(staging, (IMAGE_FILE, TEXT_FILE, TOKENIZER_FILE)),
         quantization=quantization, source={**source, "convert_seconds": round(time.time() - t0, 1)},
         config=json.loads(config.to_json_best_effort()))
@@ -121,6 +130,20 @@ def export_towers(towers: Towers, params, config: ml_collections.ConfigDict, ben
       f"{name} {entry['bytes'] / 2**20:.2f} MiB" for name, entry in entries["file_table"].items()),
       flush=True)
   return manifest.build(**entries, parity=result)
+
+
+def representative_dataset(bench: Benchmark, size: int, seed: int = 0
+                           ) -> tuple[list[np.ndarray], list[np.ndarray], dict]:
+  """int8_full's calibration inputs from the benchmark's train split: `size` images drawn with
+  `seed` (normalised, [N, H, W, C]) and one caption of each ([N, L] ids and mask). Returns
+  ([images], [ids, mask], what was drawn for the manifest)."""
+  images = bench.splits["train"].images
+  ids, mask = bench.tokens["train"]                  # [N_train, captions, L]
+  rng = np.random.default_rng(seed)
+  rows = np.sort(rng.choice(len(images), min(size, len(images)), replace=False))
+  caption = rng.integers(ids.shape[1], size=len(rows))
+  return ([normalize_images(images[rows])], [ids[rows, caption], mask[rows, caption]],
+          {"split": "train", "examples": len(rows), "seed": seed})
 
 
 def _parity(exported, embed_image, embed_text, bench: Benchmark, split: str, quantization: str,

@@ -19,12 +19,14 @@ The selector fields fall back to "vit" / "transformer" for configs saved before 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from jaxdistill.models.bert import Bert
 from jaxdistill.models.efficientnet_lite import HEAD_WIDTH, STRIDE, EfficientNetLite0, normalize
@@ -45,15 +47,35 @@ class BertTower(nn.Module):
     return self.bert(ids, mask)
 
 
+@functools.lru_cache(maxsize=None)
+def resize_matrix(size: int, new_size: int) -> np.ndarray:
+  """The [new_size, size] float32 matrix of jax.image.resize's bilinear resize along one axis
+  (half-pixel centres), computed at trace time: a constant of the exported graph rather than
+  index arithmetic evaluated (and, in a full-integer TFLite model, quantised) at run time."""
+  with jax.ensure_compile_time_eval():
+    return np.asarray(jax.image.resize(jnp.eye(size, dtype=jnp.float32), (new_size, size),
+                                       "bilinear"))
+
+
+def bilinear_resize(images: jax.Array, size: int) -> jax.Array:
+  """[B, H, W, C] -> [B, size, size, C], bilinear, as two 2-D matmuls with constant matrices
+  (FULLY_CONNECTED in TFLite)."""
+  batch, height, width, channels = images.shape
+  x = images.transpose(0, 3, 1, 2).reshape(-1, width) @ resize_matrix(width, size).T
+  x = x.reshape(-1, height, size).transpose(0, 2, 1).reshape(-1, height)
+  x = x @ resize_matrix(height, size).T                                  # [B C size(x), size(y)]
+  return x.reshape(batch, channels, size, size).transpose(0, 3, 2, 1)
+
+
 class EfficientNetTower(nn.Module):
   """images [B, H, W, C] (C = 1 or 3, normalised with input_mean / input_std) -> tokens
   [B, 1 + P, 1280], P = (H / cell_size) (W / cell_size).
 
   Input (as the LiT teacher, Zhai et al. 2022): un-normalise, bilinear-resize to input_size x
-  input_size, grey -> RGB, ImageNet-normalise. Output: the head map [B, s, s, 1280]
-  (s = input_size / 32) average-pooled per cell; token 0 = the mean of the cells. Global average
-  pooling alone would erase where an item is, which the benchmark's captions are about. No
-  dropout: `deterministic` has no effect.
+  input_size (`bilinear_resize`: jax.image.resize's weights as constants), grey -> RGB,
+  ImageNet-normalise. Output: the head map [B, s, s, 1280] (s = input_size / 32) average-pooled
+  per cell; token 0 = the mean of the cells. Global average pooling alone would erase where an
+  item is, which the benchmark's captions are about. No dropout: `deterministic` has no effect.
   """
   backbone: EfficientNetLite0
   cell_size: int
@@ -75,8 +97,7 @@ class EfficientNetTower(nn.Module):
                        f"multiple of {STRIDE} x {rows} and {STRIDE} x {cols} (EfficientNet's "
                        f"stride x cells per side), e.g. {STRIDE * rows * cols}")
     pixels = images * self.input_std + self.input_mean
-    pixels = jax.image.resize(pixels, (batch, self.input_size, self.input_size, channels),
-                              "bilinear")
+    pixels = bilinear_resize(pixels, self.input_size)
     x = normalize(jnp.repeat(pixels, 3 // channels, axis=-1))
     fmap = self.backbone.feature_map(x)                     # [B, s, s, 1280]
     cells = fmap.reshape(batch, rows, side // rows, cols, side // cols, -1).mean(axis=(2, 4))
