@@ -120,3 +120,25 @@ def logged_losses(workdir: str) -> dict:
       record = json.loads(line)
       losses[record["step"]] = record["loss"]
   return losses
+
+
+def check_finite_differences(fn, args, grads, eps: float = 1e-6, atol: float = 1e-8) -> None:
+  """Central differences of the scalar fn (float64: call under jax.enable_x64) w.r.t. each of
+  args against `grads` (one per arg), to rtol 1e-6."""
+  import jax.numpy as jnp
+  import numpy as np
+  args = [np.asarray(a, np.float64) for a in args]
+  for index, grad in enumerate(grads):
+    flat = args[index].reshape(-1)
+    numeric = np.zeros_like(flat)
+    for k in range(flat.size):
+      plus, minus = flat.copy(), flat.copy()
+      plus[k] += eps
+      minus[k] -= eps
+      args_p, args_m = list(args), list(args)
+      args_p[index] = plus.reshape(args[index].shape)
+      args_m[index] = minus.reshape(args[index].shape)
+      numeric[k] = (float(fn(*map(jnp.asarray, args_p)))
+                    - float(fn(*map(jnp.asarray, args_m)))) / (2 * eps)
+    np.testing.assert_allclose(np.reshape(grad, -1), numeric, rtol=1e-6, atol=atol,
+                               err_msg=f"argument {index}")

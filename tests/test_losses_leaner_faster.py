@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
+from conftest import check_finite_differences
 from jaxdistill.losses import leaner_faster as lf
 from jaxdistill.losses.contrastive import contrastive_loss, similarity_logits
 from jaxdistill.parallel.mesh import BATCH_AXES, make_mesh
@@ -142,7 +143,7 @@ def test_intra_modal_gradients(symmetric):
     g_s, g_t, g_tau = jax.grad(fn, argnums=(0, 1, 2))(jnp.asarray(s), jnp.asarray(t),
                                                       jnp.asarray(tau))
     np.testing.assert_array_equal(g_t, 0.0)
-    _check_finite_differences(lambda s, tau: fn(s, t, tau), (s, np.asarray(tau)), (g_s, g_tau))
+    check_finite_differences(lambda s, tau: fn(s, t, tau), (s, np.asarray(tau)), (g_s, g_tau))
   if not symmetric:
     # dL/ds_i = (sum_j p_ij t_j - t_i) / (N tau), p_i = softmax_j(s_i.t_j / tau).
     logits = s @ t.T / tau
@@ -178,7 +179,7 @@ def test_mse_gradients(normalize):
   with jax.enable_x64(True):
     g_s, g_t = jax.grad(fn, argnums=(0, 1))(jnp.asarray(s), jnp.asarray(t))
     np.testing.assert_array_equal(g_t, 0.0)
-    _check_finite_differences(lambda s: fn(s, t), (s,), (g_s,))
+    check_finite_differences(lambda s: fn(s, t), (s,), (g_s,))
   if not normalize:
     np.testing.assert_allclose(g_s, 2 * (s - t) / s.size, rtol=1e-9)
 
@@ -201,7 +202,7 @@ def test_infonce_gradients():
   fn = lambda i, t, tau: lf.infonce_loss(i, t, tau)[0]
   with jax.enable_x64(True):
     grads = jax.grad(fn, argnums=(0, 1, 2))(jnp.asarray(img), jnp.asarray(txt), jnp.asarray(0.7))
-    _check_finite_differences(fn, (img, txt, np.asarray(0.7)), grads)
+    check_finite_differences(fn, (img, txt, np.asarray(0.7)), grads)
 
 
 # --------------------------------------------------------------------- stage 2: KD (KL)
@@ -243,7 +244,7 @@ def test_matching_kl_gradients_reach_the_student_only():
     for g in (grads[2], grads[3], grads[5]):
       np.testing.assert_array_equal(g, 0.0)
     assert np.abs(grads[0]).max() > 1e-3 and np.abs(grads[1]).max() > 1e-3
-    _check_finite_differences(lambda si, st, tau: fn(si, st, ti, tt, tau, 0.25),
+    check_finite_differences(lambda si, st, tau: fn(si, st, ti, tt, tau, 0.25),
                               (si, st, np.asarray(0.4)), (grads[0], grads[1], grads[4]))
 
 
@@ -318,7 +319,7 @@ def test_hard_negative_gradients(shared):
     args = (q, c, mined, np.asarray(0.5))
     grads = jax.grad(fn, argnums=(0, 1, 2, 3))(*(jnp.asarray(a) for a in args))
     assert np.all(np.isfinite(grads[2]))
-    _check_finite_differences(fn, args, grads)
+    check_finite_differences(fn, args, grads)
   # A left-out mined candidate gets no gradient.
   g_mined = np.asarray(grads[2])
   if not shared:
@@ -432,7 +433,7 @@ def test_stage2_gradients(tower):
     for student_grad in (grads[0], grads[1], grads[4], grads[5]):
       assert np.abs(student_grad).max() > 1e-4
     student = (0, 1, 4, 5, 6)
-    _check_finite_differences(
+    check_finite_differences(
         lambda si, st, mt, mi, tau: fn(si, st, x["ti"], x["tt"], mt, mi, tau, t_tau),
         tuple(args[i] for i in student), tuple(grads[i] for i in student))
 
@@ -526,24 +527,3 @@ def test_eight_devices_equal_one(name):
   if name == "stage2":   # the teacher still gets no gradient when sharded
     for g in (many[1][2], many[1][3], many[1][7]):
       np.testing.assert_array_equal(g, 0.0)
-
-
-# --------------------------------------------------------------------- finite differences
-
-def _check_finite_differences(fn, args, grads, eps=1e-6):
-  """Central differences of fn (float64, under enable_x64) w.r.t. each of args against grads."""
-  args = [np.asarray(a, np.float64) for a in args]
-  for index, grad in enumerate(grads):
-    flat = args[index].reshape(-1)
-    numeric = np.zeros_like(flat)
-    for k in range(flat.size):
-      plus, minus = flat.copy(), flat.copy()
-      plus[k] += eps
-      minus[k] -= eps
-      args_p, args_m = list(args), list(args)
-      args_p[index] = plus.reshape(args[index].shape)
-      args_m[index] = minus.reshape(args[index].shape)
-      numeric[k] = (float(fn(*map(jnp.asarray, args_p)))
-                    - float(fn(*map(jnp.asarray, args_m)))) / (2 * eps)
-    np.testing.assert_allclose(np.reshape(grad, -1), numeric, rtol=1e-6, atol=1e-8,
-                               err_msg=f"argument {index}")
