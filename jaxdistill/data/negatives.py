@@ -22,6 +22,13 @@ from jaxdistill.atomic import atomic_open
 from jaxdistill.errors import JaxDistillError
 
 
+def is_negative(owner, query_owner):
+  """Whether a mined candidate may serve as a negative of a query: it is in the bank (not
+  MISSING) and belongs to another image. owner, query_owner: broadcastable int arrays (numpy or
+  jax; e.g. [B, k] against [B, 1], or [1, M] against [B, 1]) -> bool of the broadcast shape."""
+  return (owner != MISSING) & (owner != query_owner)
+
+
 class BankError(JaxDistillError, ValueError):
   """A hard-negative bank that is missing, malformed or mined on other data."""
 

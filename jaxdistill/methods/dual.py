@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
-from jaxdistill.data.negatives import MISSING
+from jaxdistill.data.negatives import MISSING, is_negative
 from jaxdistill.losses.contrastive import contrastive_loss
 from jaxdistill.methods.base import STUDENT, Recipe, dropout_rngs, student_module
 from jaxdistill.models.build import towers as towers_of
@@ -30,8 +30,7 @@ def _mined_logits(queries: jax.Array, mined: jax.Array, mined_owner: jax.Array,
   """queries [B, E] against every mined candidate mined [B*k, E] -> logits [B, B*k] / tau, -inf
   where the candidate's owner is the query's own image or MISSING."""
   logits = queries @ mined.T / temperature
-  drop = (mined_owner[None, :] == query_owner[:, None]) | (mined_owner[None, :] == MISSING)
-  return jnp.where(drop, -jnp.inf, logits)
+  return jnp.where(is_negative(mined_owner[None, :], query_owner[:, None]), logits, -jnp.inf)
 
 
 def make_loss_fn(config: ml_collections.ConfigDict, model, mesh: Mesh):

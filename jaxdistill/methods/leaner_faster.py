@@ -24,13 +24,12 @@ frozen["teacher"] (config.teachers.teacher: a dual run's workdir), unless stage-
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
 from jaxdistill.config import ConfigError
-from jaxdistill.data.negatives import MISSING
+from jaxdistill.data.negatives import is_negative
 from jaxdistill.losses import leaner_faster as lf_losses
 from jaxdistill.methods.base import (STUDENT, Recipe, check_teacher_tokenizer, dropout_rngs,
                                      student_module)
@@ -99,12 +98,6 @@ def teacher_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   return () if lf.stage == "stage1" and lf.stage1_loss == "infonce" else (TEACHER,)
 
 
-def _mined_valid(owner: jax.Array, own_image: jax.Array) -> jax.Array:
-  """bool [B, k]: a mined candidate is kept unless it is missing from the bank or belongs to the
-  query's own image (a positive)."""
-  return (owner != MISSING) & (owner != own_image[:, None])
-
-
 def make_loss_fn(config: ml_collections.ConfigDict, model, teacher):
   """loss_fn(params, frozen, extra, batch, rng, step) -> (loss, metrics, extra) (methods/base.py).
 
@@ -153,12 +146,12 @@ def make_loss_fn(config: ml_collections.ConfigDict, model, teacher):
             p, batch["neg_text_ids"].reshape(b * k, length),
             batch["neg_text_mask"].reshape(b * k, length),
             rngs=dropout_rngs(config, rng, 2))[0].reshape(b, k, -1)
-        mined["mined_text_valid"] = _mined_valid(batch["neg_text_owner"], owner)
+        mined["mined_text_valid"] = is_negative(batch["neg_text_owner"], owner[:, None])
       if text_side:
         mined["mined_image"] = student.embed_image(
             p, batch["neg_image"].reshape(b * k, *images.shape[1:]),
             rngs=dropout_rngs(config, rng, 3))[0].reshape(b, k, -1)
-        mined["mined_image_valid"] = _mined_valid(batch["neg_image_owner"], owner)
+        mined["mined_image_valid"] = is_negative(batch["neg_image_owner"], owner[:, None])
     loss, parts = lf_losses.stage2_loss(
         img, txt, t_img, t_txt, tau, tower=lf.tower, teacher_temperature=teacher_tau,
         kd_temperature=lf.kd_temperature, in_batch_negatives=lf.in_batch_negatives,
