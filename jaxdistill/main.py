@@ -6,6 +6,8 @@ Modes (`--mode`, each a `run(config, workdir)` function named in `MODES`):
   cache_teacher  run the config's teacher over the dataset once; store its features (teachers/cache.py)
   mine           embed the corpus, build a ScaNN index and a hard-negative bank (mining/run.py)
   export         write the student's towers as TFLite models into <workdir>/export (export/run.py)
+  pretrain_image self-supervised pretraining of an image-only network (DINO, configs/ssl_vit.py),
+                 then a linear probe into <workdir>/probe.json (train/pretrain.py)
 Config overrides use ml_collections syntax, e.g. `--config.batch_size=64 --config.loopitr.num_negatives=1`.
 Every config problem is reported in one line, before anything is compiled.
 """
@@ -31,6 +33,7 @@ MODES = {
     "cache_teacher": "jaxdistill.teachers.cache:run",
     "mine": "jaxdistill.mining.run:run",
     "export": "jaxdistill.export.run:run",
+    "pretrain_image": "jaxdistill.methods:pretrain_image",
 }
 _MODE = flags.DEFINE_enum("mode", "train", list(MODES), "What to do with the workdir.")
 

@@ -5,6 +5,8 @@ Each recipe module has `build(config, mesh, bench, steps_per_epoch) -> Recipe` (
 `validate(config)` (its own section's checks). Only `jaxdistill.main` imports this package.
 A config with a `pipeline` section (configs/leaner_faster.py) is a chain of such runs:
 `validate` and `train` hand it to train/pipeline.py with the single-run functions below.
+Self-supervised image pretraining (`dino.py`, configs/ssl_vit.py) is no retrieval recipe: it
+trains an image-only network with `--mode=pretrain_image` (`pretrain_image` below).
 """
 
 from __future__ import annotations
@@ -14,10 +16,14 @@ import types
 
 from jaxdistill.config import ConfigError, validate_teachers
 
-RECIPES = ("loopitr", "dual", "cprd", "mcad", "leaner_faster")
+RECIPES = ("loopitr", "dual", "cprd", "mcad", "leaner_faster", "unimodal_kd")
+IMAGE_RECIPES = ("dino",)   # --mode=pretrain_image (pretrain_image below)
 
 
 def recipe_module(config) -> types.ModuleType:
+  if config.method in IMAGE_RECIPES:
+    raise ConfigError(f"--config.method={config.method!r} pretrains an image-only network: run "
+                      "it with --mode=pretrain_image (docs/ssl_vit.md)")
   if config.method not in RECIPES:
     raise ConfigError(f"--config.method={config.method!r} has no recipe: use one of "
                       f"{', '.join(RECIPES)} (configs/<recipe>.py sets it)")
@@ -51,3 +57,16 @@ def train(config, workdir: str):
   if pipeline.is_pipeline(config):
     return pipeline.run_pipeline(config, workdir, train, validate, RECIPES)
   return train_and_evaluate(config, workdir, build)
+
+
+def pretrain_image(config, workdir: str):
+  """--mode=pretrain_image: self-supervised pretraining of an image-only network (config.method
+  "dino": methods/dino.py) in workdir, then a linear probe (<workdir>/probe.json)."""
+  from jaxdistill.methods import dino
+  from jaxdistill.train.pretrain import pretrain_and_probe
+  if config.get("method") not in IMAGE_RECIPES:
+    raise ConfigError(f"--mode=pretrain_image: --config.method={config.get('method')!r} is no "
+                      f"image pretraining recipe: use one of {', '.join(IMAGE_RECIPES)} "
+                      "(--config=configs/ssl_vit.py)")
+  dino.validate(config)
+  return pretrain_and_probe(config, workdir, dino.build)

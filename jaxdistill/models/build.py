@@ -1,10 +1,11 @@
 """A network from the `model` config section, its params and its apply functions (`Towers`).
 
 `model.kind` names the family: "dual" (DualEncoder: image and text towers, projections,
-temperature; the student of the dual, CPRD and LiT recipes) or "loopitr" (LoopITRModel: the
-dual encoder plus a cross encoder with ITM and MLM heads, paper 003 Fig. 3). Eval, export,
-mining and teachers-from-a-workdir build a run's network from its saved config with these
-functions alone: no recipe, no teacher, no data.
+temperature; the student of the dual, CPRD and LiT recipes), "loopitr" (LoopITRModel: the
+dual encoder plus a cross encoder with ITM and MLM heads, paper 003 Fig. 3) or "image"
+(ImageNetwork: the image tower alone, self-supervised pretraining, models/image.py; its Towers'
+text functions raise ImageOnlyError). Eval, export, mining and teachers-from-a-workdir build a
+run's network from its saved config with these functions alone: no recipe, no teacher, no data.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ import jax.numpy as jnp
 
 from jaxdistill.errors import JaxDistillError
 from jaxdistill.models.dual import DualEncoder
+from jaxdistill.models.image import ImageNetwork, image_only_error
+from jaxdistill.models.layers import Encoder
 from jaxdistill.models.loopitr import DTYPES, LoopITRModel, build_model as build_loopitr
-from jaxdistill.models.towers import image_tower, text_tower
+from jaxdistill.models.towers import image_tower, image_width, text_tower
 
-KINDS = ("dual", "loopitr")
+KINDS = ("dual", "loopitr", "image")
 
 
 class ModelConfigError(JaxDistillError, ValueError):
@@ -29,8 +32,8 @@ class ModelConfigError(JaxDistillError, ValueError):
 
 
 def build_model(mc, dtype: str | None = None) -> nn.Module:
-  """The network of `mc.kind` ("dual" | "loopitr"); dtype: computation dtype (params stay
-  float32), default `mc.dtype` when present, else float32."""
+  """The network of `mc.kind` ("dual" | "loopitr" | "image"); dtype: computation dtype (params
+  stay float32), default `mc.dtype` when present, else float32."""
   kind = mc.get("kind", "dual")
   if kind not in KINDS:
     raise ModelConfigError(f"--config.model.kind={kind!r} is unknown: use one of {', '.join(KINDS)}")
@@ -40,14 +43,35 @@ def build_model(mc, dtype: str | None = None) -> nn.Module:
   if kind == "loopitr":
     return build_loopitr({**dict(mc), "dtype": dtype})   # its towers: models/towers.py
   d = jnp.dtype(dtype)
+  if kind == "image":
+    return ImageNetwork(image_tower(mc, d))   # models/image.py: the image tower alone
   return DualEncoder(image_tower(mc, d), text_tower(mc, d), mc.embed_dim,
                      image_pool=mc.image_pool, text_pool=mc.get("text_pool", "cls"),
-                     temperature_init=mc.temperature_init, dtype=d)
+                     temperature_init=mc.temperature_init, shared=shared_encoder(mc, d),
+                     project=mc.get("project", True), dtype=d)
+
+
+def shared_encoder(mc, dtype: Any) -> nn.Module | None:
+  """Paper 004's shared encoder: mc.shared_layers (0 = none) randomly initialised pre-LN
+  transformer layers (ViT layout, mc.shared_heads heads, MLP mc.shared_mlp) that both towers'
+  tokens pass through; it needs towers of one width."""
+  layers = mc.get("shared_layers", 0)
+  if not layers:
+    return None
+  if image_width(mc) != mc.text_width:
+    raise ModelConfigError(f"--config.model.shared_layers={layers} needs image and text tokens of "
+                           f"one width, got {image_width(mc)} and {mc.text_width}: pick towers of "
+                           "equal width")
+  return Encoder(layers, mc.shared_heads, mc.shared_mlp, dropout_rate=mc.dropout_rate,
+                 dtype=dtype)
 
 
 def init_params(model: nn.Module, mc, key: jax.Array) -> Any:
-  """Every param of `model`, from one dummy image [1, S, S, C] and caption [1, max_len] of `mc`."""
+  """Every param of `model`, from one dummy image [1, S, S, C] and caption [1, max_len] of `mc`
+  (an image-only network: the image alone)."""
   images = jnp.zeros((1, mc.image_size, mc.image_size, mc.channels), jnp.float32)
+  if isinstance(model, ImageNetwork):
+    return model.init(key, images)["params"]
   ids = jnp.zeros((1, mc.max_len), jnp.int32)
   return model.init(key, images, ids, jnp.ones_like(ids))["params"]
 
@@ -81,8 +105,18 @@ def _apply(model: nn.Module, method):
 
 
 def towers(model: nn.Module) -> Towers:
-  """The `Towers` of a network built by `build_model`."""
+  """The `Towers` of a network built by `build_model` (an image-only network: embed_text and
+  temperature raise ImageOnlyError when called)."""
   cls = type(model)
+  if isinstance(model, ImageNetwork):
+    def no_text(*args, **kwargs):
+      raise image_only_error("embed_text")
+
+    def no_temperature(*args, **kwargs):
+      raise image_only_error("temperature")
+
+    return Towers(embed_image=_apply(model, cls.encode_image), embed_text=no_text,
+                  temperature=no_temperature, match_scores=None)
   match = outputs = None
   if isinstance(model, LoopITRModel):
     both = _apply(model, LoopITRModel.match_outputs)

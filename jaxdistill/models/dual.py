@@ -6,6 +6,13 @@ concatenated into [B, P*D] before the projection: one slot per patch, so per-cel
 position survive pooling on the compositional benchmark). Text pooling: "cls" (the token at
 position 0) or "mean" (the mean over real tokens, mask == 1: sentence-transformers, e.g. MiniLM).
 
+Shared encoder (paper 004 §3.2): with `shared` (an Encoder of one or more randomly initialised
+pre-LN transformer layers, ViT's architecture, plus its final LayerNorm), each tower's tokens go
+through the same `shared` layers separately (text with its padding mask) before pooling:
+H_K = f_s(H_L) for images and texts. With project=False there are no projections: the pooled
+token itself, L2-normalised, is the embedding (paper 004 §3.3 compares the normalised [CLS]
+outputs of the shared layer directly), so both towers must have the width embed_dim.
+
 Temperature: tau = exp(log_temperature), log_temperature initialised to log(temperature_init)
 (0.07, paper 003 eq. 2 / ALBEF), clipped to [0.001, 0.5] as ALBEF clamps it.
 """
@@ -45,6 +52,8 @@ class DualEncoder(nn.Module):
   image_pool: str = "concat"
   text_pool: str = "cls"
   temperature_init: float = 0.07
+  shared: nn.Module | None = None
+  project: bool = True
   dtype: Any = jnp.float32
 
   def setup(self):
@@ -57,8 +66,9 @@ class DualEncoder(nn.Module):
     if not TEMPERATURE_MIN <= self.temperature_init <= TEMPERATURE_MAX:
       raise ValueError(f"temperature_init={self.temperature_init} is outside the clip range "
                        f"[{TEMPERATURE_MIN}, {TEMPERATURE_MAX}]: choose a value inside it (0.07)")
-    self.image_projection = nn.Dense(self.embed_dim, dtype=self.dtype)
-    self.text_projection = nn.Dense(self.embed_dim, dtype=self.dtype)
+    if self.project:
+      self.image_projection = nn.Dense(self.embed_dim, dtype=self.dtype)
+      self.text_projection = nn.Dense(self.embed_dim, dtype=self.dtype)
     self.log_temperature = self.param(
         "log_temperature", nn.initializers.constant(math.log(self.temperature_init)), ())
 
@@ -67,11 +77,13 @@ class DualEncoder(nn.Module):
     """images [B, H, W, C] -> (emb float32 [B, E] unit-norm, tokens [B, 1 + P, Dv])."""
     tokens = self.image_encoder(images, deterministic=deterministic)
     chex.assert_rank(tokens, 3)
+    if self.shared is not None:
+      tokens = self.shared(tokens, deterministic=deterministic)
     if self.image_pool == "cls":
       pooled = tokens[:, 0]
     else:
       pooled = tokens[:, 1:].reshape(tokens.shape[0], -1)
-    emb = l2_normalize(self.image_projection(pooled).astype(jnp.float32))
+    emb = l2_normalize(self._project(self.image_projection if self.project else None, pooled))
     chex.assert_shape(emb, (images.shape[0], self.embed_dim))
     return emb, tokens
 
@@ -80,10 +92,22 @@ class DualEncoder(nn.Module):
     """ids [B, L], mask [B, L] -> (emb float32 [B, E] unit-norm, tokens [B, L, Dt])."""
     tokens = self.text_encoder(ids, mask, deterministic=deterministic)
     chex.assert_rank(tokens, 3)
+    if self.shared is not None:
+      tokens = self.shared(tokens, mask, deterministic=deterministic)
     pooled = tokens[:, 0] if self.text_pool == "cls" else mean_pool(tokens, mask)
-    emb = l2_normalize(self.text_projection(pooled).astype(jnp.float32))
+    emb = l2_normalize(self._project(self.text_projection if self.project else None, pooled))
     chex.assert_shape(emb, (ids.shape[0], self.embed_dim))
     return emb, tokens
+
+  def _project(self, projection: nn.Module | None, pooled: jax.Array) -> jax.Array:
+    """pooled [B, F] -> float32 [B, E] (E = F when project=False)."""
+    if projection is None:
+      if pooled.shape[-1] != self.embed_dim:
+        raise ValueError(f"project=False needs pooled features of width embed_dim="
+                         f"{self.embed_dim}, got {pooled.shape[-1]}: set model.embed_dim to the "
+                         "towers' width (and image_pool=cls)")
+      return pooled.astype(jnp.float32)
+    return projection(pooled).astype(jnp.float32)
 
   def temperature(self) -> jax.Array:
     """Scalar tau = clip(exp(log_temperature), 0.001, 0.5)."""

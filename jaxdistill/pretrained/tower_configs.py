@@ -4,6 +4,8 @@
   efficientnet_lite0(config, prefix, input_size)  image tower = ImageNet EfficientNet-Lite0
   minilm(config, prefix, layers)                  text tower = MiniLM-L6's first `layers` layers,
                                                   mean pooling, its WordPiece tokenizer
+  ssl_vit(config, prefix, workdir, layers)        image tower = layers of the self-supervised
+                                                  ViT a configs/ssl_vit.py run trained
 
 prefix: where the network keeps its towers in the params of the "student" module,
 "student/" for model.kind=dual (DualEncoder), "student/dual/" for loopitr. Used by
@@ -30,13 +32,45 @@ def efficientnet_lite0(config: ml_collections.ConfigDict, prefix: str, input_siz
        "layers": "", "mapping": ((f"{prefix}image_encoder/", ""),)},)
 
 
+def minilm_layers(config: ml_collections.ConfigDict, prefix: str, layers: str) -> None:
+  """Text tower = MiniLM-L6's embeddings and the layers `layers` selects ("first:N" | "i,j,k"),
+  its tokenizer; max_len = MINILM_MAX_LEN; pooling left as the config has it."""
+  path, m = minilm_dir(), config.model
+  m.update(bert_fields(path))
+  m.text_layers, m.max_len = _count(layers, m.text_layers), MINILM_MAX_LEN
+  config.data.tokenizer = path
+  config.init_from = tuple(config.init_from) + (
+      {"source": f"pretrained:{path}", "architecture": "bert", "layers": layers,
+       "mapping": ((f"{prefix}text_encoder/", ""),)},)
+
+
+# The self-supervised ViT of configs/ssl_vit.py: width 384 = MiniLM-L6's hidden size, so that
+# paper 004's shared layer reads both towers' tokens; one token per 28x28 grid cell.
+SSL_VIT = dict(image_tower="vit", vision_width=384, vision_layers=6, vision_heads=6,
+               vision_mlp=1536, patch_size=28, stem="conv")
+SSL_VIT_PARAMS = "student/image_encoder/"   # where a configs/ssl_vit.py run keeps its ViT
+
+
+def ssl_vit(config: ml_collections.ConfigDict, prefix: str, workdir: str, layers: str) -> None:
+  """Image tower = the layers `layers` selects ("first:N" | "i,j,k") of the ViT a
+  configs/ssl_vit.py run trained in `workdir` (its final LayerNorm kept), as an init_from entry."""
+  config.model.update(SSL_VIT)
+  config.model.vision_layers = _count(layers, SSL_VIT["vision_layers"])
+  config.init_from = tuple(config.init_from) + (
+      {"source": f"workdir:{workdir}", "layers": layers,
+       "mapping": ((f"{prefix}image_encoder/", SSL_VIT_PARAMS),)},)
+
+
+def _count(layers: str, total: int) -> int:
+  """How many layers a selection keeps: "first:N" / "last:N" -> N, "i,j,k" -> 3, "" -> total."""
+  if not layers:
+    return total
+  kind, _, n = layers.partition(":")
+  return int(n) if kind in ("first", "last") else len(layers.split(","))
+
+
 def minilm(config: ml_collections.ConfigDict, prefix: str, layers: int) -> None:
   """Text tower = the embeddings and first `layers` layers of MiniLM-L6 (all-MiniLM-L6-v2),
   mean pooling (what it was trained for), its tokenizer; max_len = MINILM_MAX_LEN."""
-  path, m = minilm_dir(), config.model
-  m.update(bert_fields(path))
-  m.text_layers, m.text_pool, m.max_len = layers, "mean", MINILM_MAX_LEN
-  config.data.tokenizer = path
-  config.init_from = tuple(config.init_from) + (
-      {"source": f"pretrained:{path}", "architecture": "bert", "layers": f"first:{layers}",
-       "mapping": ((f"{prefix}text_encoder/", ""),)},)
+  minilm_layers(config, prefix, f"first:{layers}")
+  config.model.text_pool = "mean"

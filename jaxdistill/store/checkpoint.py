@@ -73,7 +73,9 @@ def load_params(workdir: str, expected: Any) -> Any:
   """The params of the latest checkpoint of another run (a frozen teacher, or towers to start from).
 
   expected: pytree of ShapeDtypeStruct the params must match; a missing, unexpected or
-  mis-shaped key raises one error naming the key with both shapes."""
+  mis-shaped key raises one error naming the key with both shapes. When `expected` is a dict of
+  modules ({"student": ...}), the checkpoint's other modules (a recipe's extra trainable
+  modules: MCAD's integration module, DINO's projection head) are not read."""
   checkpointer = Checkpointer(workdir)
   step = checkpointer.latest_step()
   if step is None:
@@ -81,6 +83,8 @@ def load_params(workdir: str, expected: Any) -> Any:
                             "--workdir of a finished run")
   params = checkpointer.restore_raw(step)["params"]
   checkpointer.close()
+  if isinstance(expected, dict) and isinstance(params, dict):
+    params = {k: v for k, v in params.items() if k in expected}
   where = f"checkpoint {checkpointer.directory}/{step}"
   fix = "this run's model config must match the one that checkpoint was trained with"
   found = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(params)}

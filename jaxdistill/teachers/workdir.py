@@ -4,7 +4,9 @@ A LoopITR run (paper 003) gives its dual towers (embed_images / embed_texts) and
 encoder's ITM positive-class logit over (image, text) pairs (match_scores, eq. 4) — the dual +
 cross teacher pair of MCAD (paper 001 §3) and the cross teacher whose scores CPRD (paper 002
 §3.2) distils. A dual-encoder run (dual / CPRD recipe, e.g. configs/teacher.py's `dual` preset)
-gives its towers only (match_scores None).
+gives its towers only (match_scores None). An image-only run (model.kind "image", the DINO ViT of
+configs/ssl_vit.py) gives embed_images (its L2-normalised [CLS]); it has no tokenizer.json
+(tokenize None), no temperature, and its embed_texts raises ImageOnlyError.
 
 The run's network is rebuilt from its own config.json (store/run.py), so the teacher may be
 wider or deeper than the student; its tokenizer is `<workdir>/tokenizer.json`.
@@ -24,6 +26,7 @@ from jaxdistill.atomic import write_json_atomic
 from jaxdistill.data.benchmark import prepare_benchmark
 from jaxdistill.data.tokenizer import encode, load_tokenizer
 from jaxdistill.models.build import Towers, build_model, init_params
+from jaxdistill.models.image import ImageNetwork
 from jaxdistill.store.checkpoint import Checkpointer
 from jaxdistill.store.run import STUDENT, load_run
 from jaxdistill.teachers.base import Teacher, cast_params, make_teacher
@@ -35,18 +38,21 @@ def from_workdir(workdir: str, dtype: str = "float32") -> Teacher:
   in bfloat16, outputs float32)."""
   run = load_run(workdir, dtype, what="teacher path")
   mc = run.config.model
+  name = f"{run.config.get('method', '?')}:{os.path.basename(os.path.normpath(workdir))}"
+  if isinstance(run.model, ImageNetwork):   # image-only (DINO): no tokenizer, no temperature
+    return from_towers(name, run.towers, cast_params(run.params, dtype), None, None)
   tokenizer = load_tokenizer(run.tokenizer_path)
   tokenize = lambda texts: encode(tokenizer, list(texts), mc.max_len)
-  name = f"{run.config.get('method', '?')}:{os.path.basename(os.path.normpath(workdir))}"
   return from_towers(name, run.towers, cast_params(run.params, dtype),
                      float(run.towers.temperature(run.params)), tokenize)
 
 
-def from_towers(name: str, t: Towers, params, temperature: float,
+def from_towers(name: str, t: Towers, params, temperature: float | None,
                 tokenize: Callable | None = None) -> Teacher:
   """A network's `Towers` (models/build.py) and params as a Teacher: its dual towers, and with
   a cross encoder match_scores and pair_outputs (P(match) = softmax of the ITM logits at the
-  match class 0, and the pooled fused feature)."""
+  match class 0, and the pooled fused feature). An image-only network's towers (model.kind
+  "image") give embed_images (its normalised [CLS]); its embed_texts raises ImageOnlyError."""
 
   def match_scores(p, images, ids, mask):
     _, image_tokens = t.embed_image(p, images)

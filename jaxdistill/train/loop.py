@@ -39,7 +39,7 @@ from jaxdistill.train.step import make_train_step
 LOGGED = ("loss", "itc", "itm", "mlm", "distill")   # shown on the progress line when present
 
 
-class _Preemption:
+class Preemption:
   """Turns SIGTERM into a flag the loop polls after each step (then: save, exit 0)."""
 
   def __init__(self):
@@ -142,7 +142,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # --- loop ---
   writer = MetricsWriter(workdir)
   progress = Progress(config.train.num_steps, config.batch_size, start)
-  preemption = _Preemption()
+  preemption = Preemption()
   t_loop = time.time()
   try:
     for step in range(start + 1, config.train.num_steps + 1):
@@ -182,12 +182,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
 def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """--mode=eval: re-evaluates the latest checkpoint of `workdir` (its network and params only;
-  the recipe and its teachers are not built)."""
+  the recipe and its teachers are not built). Writes eval.json for the test split and
+  eval_<split>.json for another (model selection on val keeps the test result beside it)."""
   run = load_run(workdir)
   bench = prepare_benchmark(config, workdir)
-  results = evaluate_and_report(run.towers, run.params, bench, config, split=config.eval.split)
+  split = config.eval.split
+  results = evaluate_and_report(run.towers, run.params, bench, config, split=split)
   results["step"] = run.step
-  write_json_atomic(os.path.join(workdir, "eval.json"), results)
+  name = "eval.json" if split == "test" else f"eval_{split}.json"
+  write_json_atomic(os.path.join(workdir, name), results)
   _write_plots(workdir)
   return results
 
