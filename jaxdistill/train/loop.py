@@ -90,6 +90,21 @@ def build_state(recipe, config: ml_collections.ConfigDict, mesh, batch_spec: Any
           "shardings": shardings, "abstract": abstract, "init": init}
 
 
+def restore_or_init(built: dict, checkpointer: Checkpointer) -> tuple[Any, dict | None]:
+  """The state a run starts from: its latest checkpoint and that checkpoint's metadata, or
+  (built["init"](): config.init_from over the random init, None); prints which, and how the
+  state is sharded. built: `build_state`'s result."""
+  start = checkpointer.latest_step()
+  if start is not None:
+    abstract = abstract_like(built["abstract"], built["shardings"]["state"])
+    state, meta = checkpointer.restore(abstract, start)
+    print(f"resumed from {checkpointer.directory}/{start}", flush=True)
+  else:
+    state, meta = built["init"](), None
+  print(sharding.describe(state), flush=True)
+  return state, meta
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        build_recipe: Callable) -> dict | None:
   """Trains the recipe `build_recipe(config, mesh, bench, steps_per_epoch)` in `workdir` (resuming from its latest
@@ -121,14 +136,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   shardings = built["shardings"]
   frozen = jax.device_put(recipe.frozen, shardings["frozen"])
   checkpointer = Checkpointer(workdir, config.train.max_checkpoints)
-  start = checkpointer.latest_step()
-  if start is not None:
-    state, meta = checkpointer.restore(abstract_like(built["abstract"], shardings["state"]), start)
+  state, meta = restore_or_init(built, checkpointer)
+  if meta is not None:
     data_iter.set_state(meta["data_iterator"])
-    print(f"resumed from {checkpointer.directory}/{start}", flush=True)
-  else:
-    state = built["init"]()
-  print(sharding.describe(state), flush=True)
   start = int(state.step)
   write_json_atomic(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
   # --- step ---

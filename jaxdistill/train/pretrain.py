@@ -23,12 +23,11 @@ from jaxdistill.atomic import write_json_atomic
 from jaxdistill.data.fashion_mnist import load_fashion_mnist
 from jaxdistill.evaluate.probe import format_probe, linear_probe
 from jaxdistill.models.build import towers
-from jaxdistill.parallel import sharding
 from jaxdistill.parallel.mesh import make_mesh
 from jaxdistill.progress import Progress
-from jaxdistill.store.checkpoint import Checkpointer, abstract_like
+from jaxdistill.store.checkpoint import Checkpointer
 from jaxdistill.store.run import STUDENT
-from jaxdistill.train.loop import Preemption, build_state
+from jaxdistill.train.loop import Preemption, build_state, restore_or_init
 from jaxdistill.train.metrics import MetricsWriter
 from jaxdistill.train.step import make_train_step
 
@@ -50,13 +49,7 @@ def pretrain_and_probe(config: ml_collections.ConfigDict, workdir: str,
   shardings = built["shardings"]
   frozen = jax.device_put(recipe.frozen, shardings["frozen"])
   checkpointer = Checkpointer(workdir, config.train.max_checkpoints)
-  start = checkpointer.latest_step()
-  if start is not None:
-    state, _ = checkpointer.restore(abstract_like(built["abstract"], shardings["state"]), start)
-    print(f"resumed from {checkpointer.directory}/{start}", flush=True)
-  else:
-    state = built["init"]()
-  print(sharding.describe(state), flush=True)
+  state, _ = restore_or_init(built, checkpointer)
   start = int(state.step)
   write_json_atomic(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
   train_step = make_train_step(recipe.loss_fn, built["tx"], dict(recipe.ema), built["trainable"],
