@@ -36,7 +36,7 @@ def _model(preset: str) -> ml_collections.ConfigDict:
   m.dropout_rate = 0.0
   m.vocab_size = 256          # filled in from the built tokenizer
   m.max_len = 32
-  m.image_tower = "vit"       # vit | efficientnet_lite0 (models/towers.py)
+  m.image_tower = "vit"       # vit | efficientnet_lite0 | hf_vit (models/towers.py)
   m.text_tower = "transformer"   # transformer (models/text.py) | bert (HF BertModel: MiniLM, BERT)
   m.text_pool = "cls"         # text embedding: cls (token 0) | mean (over real tokens, MiniLM's)
   m.itm_pool = "cls"          # what a cross encoder's ITM head reads: cls | mean (fused tokens)
@@ -44,6 +44,20 @@ def _model(preset: str) -> ml_collections.ConfigDict:
   m.cross_gate = False        # bert cross encoder: tanh gate (starting at 0) on cross-attention
   m.efficientnet_input_size = 128   # efficientnet_lite0: side the image is resized to (32 x cells)
   m.image_mean, m.image_std = 0.2628, 0.3470   # data/compositional.py's pixel normalisation
+  # hf_vit (a HF ViT / BEiT / data2vec-vision encoder; pretrained/tower_configs.hf_vit fills these
+  # from its config.json; widths: vision_width / layers / heads / mlp): the checkpoint's input
+  # side, channels and per-channel normalisation of [0, 1] pixels (the image is adapted to them),
+  # patch side, query/key/value biases, layer-scale init (0 = none), absolute positions, relative
+  # position bias (none | per_layer | shared), activation, LayerNorm epsilon, final LayerNorm.
+  m.hf_vit_image_size, m.hf_vit_channels, m.hf_vit_patch_size = 224, 3, 16
+  m.hf_vit_image_mean, m.hf_vit_image_std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+  m.hf_vit_qkv_bias = (True, True, True)
+  m.hf_vit_layer_scale = 0.0
+  m.hf_vit_absolute_positions = True
+  m.hf_vit_relative_positions = "none"
+  m.hf_vit_activation = "gelu"
+  m.hf_vit_layer_norm_eps = 1e-12
+  m.hf_vit_final_norm = True
   m.bert_max_positions = 512  # bert: position-embedding rows (>= max_len)
   m.bert_type_vocab_size = 2  # bert: token-type rows (0 = none)
   m.bert_layer_norm_eps = 1e-12   # bert: LayerNorm epsilon (HF layer_norm_eps)
@@ -243,6 +257,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, mode: str = "t
   if gs < 1 or b % gs:
     raise ConfigError(f"--config.batch_size={b} must be a multiple of --config.data.group_size={gs} "
                       "(batches are made of whole look-alike groups); change one of them")
+  if config.model.get("image_tower", "vit") == "hf_vit":
+    _validate_hf_vit(config.model)
   if config.model.image_size % config.model.patch_size:
     raise ConfigError(f"--config.model.patch_size={config.model.patch_size} must divide "
                       f"--config.model.image_size={config.model.image_size}")
@@ -279,6 +295,22 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, mode: str = "t
     _validate_mining(config)
   if mode == "train":
     _validate_init_from(config)
+
+
+def _validate_hf_vit(m) -> None:
+  """The hf_vit tower's fields (models/towers.py): a patch grid, one mean / std per channel."""
+  _choice(m.hf_vit_relative_positions, "model.hf_vit_relative_positions",
+          ("none", "per_layer", "shared"))
+  if m.hf_vit_image_size % m.hf_vit_patch_size:
+    raise ConfigError(f"--config.model.hf_vit_patch_size={m.hf_vit_patch_size} must divide "
+                      f"--config.model.hf_vit_image_size={m.hf_vit_image_size} (the checkpoint's)")
+  for key in ("hf_vit_image_mean", "hf_vit_image_std"):
+    if len(m[key]) != m.hf_vit_channels:
+      raise ConfigError(f"--config.model.{key}={tuple(m[key])} needs one value per channel "
+                        f"(--config.model.hf_vit_channels={m.hf_vit_channels})")
+  if len(m.hf_vit_qkv_bias) != 3:
+    raise ConfigError(f"--config.model.hf_vit_qkv_bias={tuple(m.hf_vit_qkv_bias)} needs three "
+                      "booleans (query, key, value)")
 
 
 def _validate_mesh(config, n: int) -> None:

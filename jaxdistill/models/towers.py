@@ -13,6 +13,10 @@ the DualEncoder's tower interface (models/dual.py):
   data/compositional.py does) is turned into the ImageNet input it was trained on and its
   head map average-pooled per cell of model.patch_size pixels (P cells, as the ViT's patches),
   token 0 the mean of the cells; params {"backbone": ...}.
+- "hf_vit": models/hf_vit.ImageEncoder, a Hugging Face ViT / BEiT / data2vec-vision encoder
+  (pretrained/towers.py maps a checkpoint, or its first N layers, onto it; the model.hf_vit_*
+  fields hold its options): the benchmark image is adapted to the checkpoint's input
+  (`adapt_images`) and the tokens are its [CLS] + patch tokens; params {"vit": ...}.
 
 The selector fields fall back to "vit" / "transformer" for configs saved before they existed.
 """
@@ -30,10 +34,11 @@ import numpy as np
 
 from jaxdistill.models.bert import Bert
 from jaxdistill.models.efficientnet_lite import HEAD_WIDTH, STRIDE, EfficientNetLite0, normalize
+from jaxdistill.models.hf_vit import ImageEncoder
 from jaxdistill.models.text import TextEncoder
 from jaxdistill.models.vit import ViT
 
-IMAGE_TOWERS = ("vit", "efficientnet_lite0")
+IMAGE_TOWERS = ("vit", "efficientnet_lite0", "hf_vit")
 TEXT_TOWERS = ("transformer", "bert")
 
 
@@ -105,6 +110,68 @@ class EfficientNetTower(nn.Module):
     return jnp.concatenate([cells.mean(axis=1, keepdims=True), cells], axis=1)
 
 
+def adapt_images(images: jax.Array, input_mean: Any, input_std: Any, size: int, channels: int,
+                 mean: Any, std: Any) -> jax.Array:
+  """images [B, H, W, C] normalised with (input_mean, input_std) -> [B, size, size, channels]
+  normalised with (mean, std): un-normalise, bilinear-resize (`bilinear_resize`, only when H or W
+  differs from size), grey -> RGB (C = 1, channels = 3), normalise. Means and stds: a float or
+  one per channel (of C for the input, of `channels` for the output)."""
+  _, height, width, c = images.shape
+  if c != channels and (c, channels) != (1, 3):
+    raise ValueError(f"images [B, {height}, {width}, {c}] cannot feed an encoder of {channels} "
+                     f"channels: give images of {channels} channels (or grey ones for RGB)")
+  as_array = lambda v: jnp.asarray(v, jnp.float32)
+  pixels = images.astype(jnp.float32) * as_array(input_std) + as_array(input_mean)
+  if (height, width) != (size, size):
+    pixels = bilinear_resize(pixels, size)
+  pixels = jnp.repeat(pixels, channels // c, axis=-1)
+  return (pixels - as_array(mean)) / as_array(std)
+
+
+class HFViTTower(nn.Module):
+  """images [B, H, W, C] (normalised with input_mean / input_std) -> tokens [B, 1 + P, D] of a
+  Hugging Face ViT / BEiT / data2vec-vision encoder: [CLS] first, after its final LayerNorm when
+  it has one (vit.final_norm); P = (vit.image_size / vit.patch_size)^2.
+
+  Input: `adapt_images` to the encoder's image_size, `channels` and normalisation (mean, std,
+  the checkpoint's); images that already are that (its size and channels, input_mean / input_std
+  = mean / std) pass through unchanged up to float rounding. No dropout: `deterministic` has no
+  effect.
+  """
+  vit: ImageEncoder
+  channels: int
+  input_mean: float | tuple[float, ...]
+  input_std: float | tuple[float, ...]
+  mean: float | tuple[float, ...]
+  std: float | tuple[float, ...]
+
+  def __call__(self, images: jax.Array, deterministic: bool = True) -> jax.Array:
+    del deterministic
+    x = adapt_images(images, self.input_mean, self.input_std, self.vit.image_size, self.channels,
+                     self.mean, self.std)
+    return self.vit(x)[0]
+
+
+def _floats(value: Any) -> float | tuple[float, ...]:
+  """A config's float or per-channel sequence as a hashable module field."""
+  return float(value) if np.ndim(value) == 0 else tuple(float(v) for v in value)
+
+
+def hf_vit_tower(mc: ml_collections.ConfigDict, dtype: Any = jnp.float32) -> HFViTTower:
+  """The "hf_vit" tower of the `model` section: vision_width / layers / heads / mlp and the
+  hf_vit_* fields (jaxdistill/config.py; pretrained/tower_configs.hf_vit fills them)."""
+  vit = ImageEncoder(
+      mc.hf_vit_image_size, mc.hf_vit_patch_size, mc.vision_width, mc.vision_layers,
+      mc.vision_heads, mc.vision_mlp, activation=mc.hf_vit_activation,
+      layer_norm_eps=mc.hf_vit_layer_norm_eps,
+      qkv_bias=tuple(bool(b) for b in mc.hf_vit_qkv_bias),
+      layer_scale_init=mc.hf_vit_layer_scale, absolute_positions=mc.hf_vit_absolute_positions,
+      relative_positions=mc.hf_vit_relative_positions, final_norm=mc.hf_vit_final_norm,
+      dtype=dtype)
+  return HFViTTower(vit, mc.hf_vit_channels, _floats(mc.image_mean), _floats(mc.image_std),
+                    _floats(mc.hf_vit_image_mean), _floats(mc.hf_vit_image_std))
+
+
 def image_tower(mc: ml_collections.ConfigDict, dtype: Any = jnp.float32) -> nn.Module:
   """The `model` config section -> the image tower (mc.image_tower in IMAGE_TOWERS)."""
   kind = mc.get("image_tower", "vit")
@@ -114,6 +181,8 @@ def image_tower(mc: ml_collections.ConfigDict, dtype: Any = jnp.float32) -> nn.M
   if kind == "efficientnet_lite0":
     return EfficientNetTower(EfficientNetLite0(fold_bn=True, dtype=dtype), mc.patch_size,
                              mc.efficientnet_input_size, mc.image_mean, mc.image_std)
+  if kind == "hf_vit":
+    return hf_vit_tower(mc, dtype)
   raise ValueError(f"--config.model.image_tower={kind!r} is not valid: use one of "
                    f"{', '.join(IMAGE_TOWERS)}")
 

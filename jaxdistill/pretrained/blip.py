@@ -2,7 +2,7 @@
 (paper 002's cross-encoder teacher; ALBEF checkpoints map onto the same modules, albef.py).
 
 - vision_model: transformers' BlipVisionModel (class token, patch conv, pre-LN layers, final
-  post_layernorm) is vit.ImageEncoder once its fused qkv projection is split (split_qkv).
+  post_layernorm) is hf_vit.ImageEncoder once its fused qkv projection is split (split_qkv).
   images [B, H, W, 3] -> tokens [B, M, Dv].
 - text_encoder: `Bert` with cross-attention to the image tokens in layers >= fusion_layer (0 for
   BLIP: every layer; ALBEF: 6).
@@ -23,12 +23,12 @@ import numpy as np
 
 from jaxdistill.models.bert import Bert
 from jaxdistill.models.dual import l2_normalize
+from jaxdistill.models.hf_vit import ImageEncoder
 from jaxdistill.pretrained import bert
 from jaxdistill.pretrained.checkpoint import (CheckpointError, StateDict, map_state_dict,
                                               read_state_dict)
-from jaxdistill.pretrained.vit import ImageEncoder
 
-# BlipVisionModel keys (after split_qkv) -> vit.ImageEncoder's Flax names.
+# BlipVisionModel keys (after split_qkv) -> hf_vit.ImageEncoder's Flax names.
 VISION_RULES = (
     (r"^vision_model\.embeddings\.class_embedding$", "vision_model.cls_token"),
     (r"^vision_model\.embeddings\.", "vision_model."),

@@ -1,8 +1,8 @@
 """CLIP (Radford et al. 2021) in the Hugging Face `CLIPModel` layout: the dual-encoder teacher
 of paper 001 (MCAD's dual-stream teacher) and the kind of model papers 000 and 004 distil.
 
-Both towers are pre-LN transformers (vit.PreNormEncoder) with QuickGELU (x * sigmoid(1.702 x))
-or whatever the config's hidden_act names:
+Both towers are pre-LN transformers (models/hf_vit.PreNormEncoder) with QuickGELU
+(x * sigmoid(1.702 x)) or whatever the config's hidden_act names:
 - vision: patch conv without bias, [CLS] + absolute positions, pre-LayerNorm ("pre_layrnorm"),
   encoder; pooled = post-LayerNorm([CLS]); the tokens are the encoder's output, un-normalised.
 - text: token + absolute position embeddings, causal self-attention (also masking padding),
@@ -24,9 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdistill.models.dual import l2_normalize
+from jaxdistill.models.hf_vit import ImageEncoder, PreNormEncoder
 from jaxdistill.pretrained.checkpoint import (CheckpointError, map_state_dict, read_state_dict,
                                               select_layers)
-from jaxdistill.pretrained.vit import ImageEncoder, PreNormEncoder
 
 LEGACY_EOS_TOKEN_ID = 2  # configs before transformers PR #24773: pool at argmax(ids)
 

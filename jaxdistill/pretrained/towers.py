@@ -5,7 +5,9 @@ layout of a models/towers.py tower, for initialising a student from it ("init_fr
 architecture: "bert" (a Hugging Face BertModel directory, e.g. MiniLM-L6, packaged.minilm_dir())
 -> BertTower params {"bert": ...}; "efficientnet_lite0" (the port's state dict,
 packaged.efficientnet_path()) -> EfficientNetTower params {"backbone": ...}, BatchNorm folded
-into the convs and the ImageNet classifier dropped.
+into the convs and the ImageNet classifier dropped; "hf_vit" (a Hugging Face ViT / BEiT /
+data2vec-vision directory, config.json model_type vit | beit | data2vec-vision) -> HFViTTower
+params {"vit": ...}, the pooler dropped (the tower returns tokens).
 
 info: {"architecture", "path", "layers" (kept original layer indices, or None),
 "checkpoint_layers", "model"}; "model" holds the `model` config fields the params fix (the
@@ -19,10 +21,11 @@ from typing import Any
 
 from jaxdistill.models.bert import Bert
 from jaxdistill.models.efficientnet_lite import HEAD_WIDTH
-from jaxdistill.pretrained import bert, efficientnet_lite
+from jaxdistill.models.hf_vit import ImageEncoder
+from jaxdistill.pretrained import bert, efficientnet_lite, vit
 from jaxdistill.pretrained.checkpoint import CheckpointError, layer_indices, read_config
 
-TOWER_ARCHITECTURES = ("bert", "efficientnet_lite0")
+TOWER_ARCHITECTURES = ("bert", "efficientnet_lite0", "hf_vit")
 
 
 def _bert_model_fields(module: Bert) -> dict[str, Any]:
@@ -64,7 +67,42 @@ def _efficientnet(path: str, layers: str | None) -> tuple[dict[str, Any], dict[s
   return {"backbone": params}, info
 
 
-_LOADERS = {"bert": _bert, "efficientnet_lite0": _efficientnet}
+def _hf_vit_model_fields(module: ImageEncoder, path: str, channels: int) -> dict[str, Any]:
+  """The `model` config fields of an HFViTTower holding `module` (checkpoint at `path`)."""
+  mean, std = vit.image_normalization(path, channels)
+  return dict(image_tower="hf_vit", vision_width=module.hidden_size,
+              vision_layers=module.num_layers, vision_heads=module.num_heads,
+              vision_mlp=module.mlp_dim, hf_vit_image_size=module.image_size,
+              hf_vit_channels=channels, hf_vit_patch_size=module.patch_size,
+              hf_vit_image_mean=mean, hf_vit_image_std=std, hf_vit_qkv_bias=module.qkv_bias,
+              hf_vit_layer_scale=module.layer_scale_init,
+              hf_vit_absolute_positions=module.absolute_positions,
+              hf_vit_relative_positions=module.relative_positions,
+              hf_vit_activation=module.activation, hf_vit_layer_norm_eps=module.layer_norm_eps,
+              hf_vit_final_norm=module.final_norm)
+
+
+def hf_vit_fields(path: str) -> dict[str, Any]:
+  """The `model` config fields a ViT / BEiT / data2vec-vision checkpoint fixes (image_tower
+  "hf_vit", widths, heads, its layer count, the hf_vit_* options and input normalisation), read
+  from config.json and preprocessor_config.json without loading the weights."""
+  config = read_config(path)
+  module = vit.image_encoder_from_config(config, {})
+  return _hf_vit_model_fields(module, path, config.get("num_channels", 3))
+
+
+def _hf_vit(path: str, layers: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
+  config = read_config(path)
+  module, params = vit.load(path, config, layers=layers)
+  total = config.get("num_hidden_layers", 12)
+  params = {k: v for k, v in params.items() if k not in ("pooler", "pool_norm")}
+  info = dict(layers=None if layers is None else layer_indices(layers, total),
+              checkpoint_layers=total,
+              model=_hf_vit_model_fields(module, path, config.get("num_channels", 3)))
+  return {"vit": params}, info
+
+
+_LOADERS = {"bert": _bert, "efficientnet_lite0": _efficientnet, "hf_vit": _hf_vit}
 
 
 def load_tower_params(path: str, architecture: str, layers: str | None = None

@@ -4,7 +4,8 @@ config.init_from is a sequence of sources, applied in order over the random init
   {"source": "workdir:PATH"      the latest checkpoint of an earlier run (a previous stage),
                                  its params {module: tree} as paths "module/sub/.../leaf";
              | "pretrained:PATH" a local Hugging Face checkpoint read by pretrained/ into the
-                                 layout of a models/ tower ("architecture": bert | efficientnet_lite0),
+                                 layout of a models/ tower ("architecture": bert |
+                                 efficientnet_lite0 | hf_vit),
    "layers": ""                  all layers | "first:N" | "last:N" | "i,j,k": keep those
                                  `layer_<i>` subtrees of the source, renumbered 0..n-1,
    "mapping": ((dst_regex, src_prefix), ...)}
