@@ -71,7 +71,7 @@ def setup():
 
 def _loss(setup, mesh, batch, bank):
   config, model, head, teacher, params, _ = setup
-  loss_fn = unimodal_kd.make_loss_fn(config, model, head, teacher, mesh)
+  loss_fn = unimodal_kd.make_loss_fn(config, model, teacher, mesh)
   return loss_and_grads(loss_fn, mesh, params, batch, frozen={"ssl": teacher.params},
                         extra={"bank": bank})
 
@@ -213,7 +213,7 @@ def test_no_kd_reads_no_teacher_and_is_the_contrastive_loss_alone():
   assert unimodal_kd.teacher_names(config) == ()
   model = build_model(config.model)
   params = {STUDENT: init_params(model, config.model, jax.random.PRNGKey(0))}
-  loss_fn = unimodal_kd.make_loss_fn(config, model, None, None, one_device_mesh())
+  loss_fn = unimodal_kd.make_loss_fn(config, model, None, one_device_mesh())
   got = loss_and_grads(loss_fn, one_device_mesh(), params, _batch(4, range(B)))
   assert "kd" not in got.metrics and got.loss == pytest.approx(got.metrics["itc"])
   np.testing.assert_allclose(got.metrics["itc"],

@@ -8,14 +8,14 @@ config.sharding, the jitted step, evaluation of the "student" module's towers.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import flax.linen as nn
 import jax
 import numpy as np
 
 from jaxdistill.config import ConfigError
-from jaxdistill.models.build import build_model, init_params
+from jaxdistill.models.build import Towers, build_model, init_params
 from jaxdistill.store.run import STUDENT  # noqa: F401  (recipes name their student module so)
 
 # loss_fn(params {module: tree}, frozen {name: tree, "ema": {module: tree}}, extra, batch,
@@ -65,6 +65,27 @@ def dropout_rngs(config, rng: jax.Array, call: int) -> dict | None:
   if config.model.dropout_rate <= 0:
     return None
   return {"dropout": jax.random.fold_in(jax.random.fold_in(rng, _DROPOUT_STREAM), call)}
+
+
+class PairEmbedding(NamedTuple):
+  """The student's towers on one batch: unit-norm embeddings image / text [B, E], the towers'
+  token outputs image_tokens [B, Ti, Di] / text_tokens [B, L, Dt], the temperature []."""
+  image: jax.Array
+  image_tokens: jax.Array
+  text: jax.Array
+  text_tokens: jax.Array
+  temperature: jax.Array
+
+
+def embed_pair(config, student: Towers, params, batch, rng: jax.Array) -> PairEmbedding:
+  """Both towers of `student` (params: its tree) on batch image [B,H,W,C], text_ids / text_mask
+  [B,L], with dropout streams 0 (image) and 1 (text) of `rng`, and its learned temperature: the
+  forward every contrastive recipe starts with."""
+  image, image_tokens = student.embed_image(params, batch["image"],
+                                            rngs=dropout_rngs(config, rng, 0))
+  text, text_tokens = student.embed_text(params, batch["text_ids"], batch["text_mask"],
+                                         rngs=dropout_rngs(config, rng, 1))
+  return PairEmbedding(image, image_tokens, text, text_tokens, student.temperature(params))
 
 
 def student_module(config) -> Module:

@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 
 from jaxdistill.data.negatives import MISSING, is_negative
 from jaxdistill.losses.contrastive import contrastive_loss
-from jaxdistill.methods.base import STUDENT, Recipe, dropout_rngs, student_module
+from jaxdistill.methods.base import STUDENT, Recipe, dropout_rngs, embed_pair, student_module
 from jaxdistill.models.build import towers as towers_of
 from jaxdistill.parallel.gather import gathered_similarity_logits
 
@@ -45,10 +45,7 @@ def make_loss_fn(config: ml_collections.ConfigDict, model, mesh: Mesh):
   def loss_fn(params, frozen, extra, batch, rng, step):
     del frozen, step
     params = params[STUDENT]
-    img = student.embed_image(params, batch["image"], rngs=dropout_rngs(config, rng, 0))[0]
-    txt = student.embed_text(params, batch["text_ids"], batch["text_mask"],
-                             rngs=dropout_rngs(config, rng, 1))[0]
-    tau = student.temperature(params)
+    img, _, txt, _, tau = embed_pair(config, student, params, batch, rng)
     i2t, t2i = gathered_similarity_logits(mesh, img, txt, tau)       # [B, B] each, eq. 2
     parts = {}
     if k > 0:

@@ -32,7 +32,7 @@ from jaxdistill.config import ConfigError
 from jaxdistill.data.negatives import is_negative
 from jaxdistill.losses import leaner_faster as lf_losses
 from jaxdistill.methods.base import (STUDENT, Recipe, check_teacher_tokenizer, dropout_rngs,
-                                     student_module)
+                                     embed_pair, student_module)
 from jaxdistill.models.build import towers as towers_of
 from jaxdistill.teachers import load_teacher
 
@@ -114,9 +114,8 @@ def make_loss_fn(config: ml_collections.ConfigDict, model, teacher):
     del step
     p = params[STUDENT]
     images, ids, mask = batch["image"], batch["text_ids"], batch["text_mask"]
-    img = student.embed_image(p, images, rngs=dropout_rngs(config, rng, 0))[0]
-    txt = student.embed_text(p, ids, mask, rngs=dropout_rngs(config, rng, 1))[0]
-    tau = jnp.asarray(lf.temperature) if lf.temperature > 0 else student.temperature(p)
+    img, _, txt, _, tau = embed_pair(config, student, p, batch, rng)
+    tau = jnp.asarray(lf.temperature) if lf.temperature > 0 else tau
     metrics = {"temperature": tau}
     if lf.stage == "stage1" and lf.stage1_loss == "infonce":      # Table 2: stage-1_InfoNCE
       loss, parts = lf_losses.infonce_loss(img, txt, tau)

@@ -29,7 +29,7 @@ from jaxdistill.data.tokenizer import SpecialIds
 from jaxdistill.losses.contrastive import contrastive_loss
 from jaxdistill.losses.distillation import listwise_distillation
 from jaxdistill.losses.matching import itm_loss, mlm_loss
-from jaxdistill.methods.base import STUDENT, Recipe, dropout_rngs, student_module
+from jaxdistill.methods.base import STUDENT, Recipe, dropout_rngs, embed_pair, student_module
 from jaxdistill.models.build import Towers, towers as towers_of
 from jaxdistill.models.loopitr import LoopITRModel
 from jaxdistill.parallel.gather import gathered_similarity_logits
@@ -76,11 +76,7 @@ def make_itc_loss_fn(config: ml_collections.ConfigDict, model: LoopITRModel, mes
 
   def loss_fn(params, frozen, extra, batch, rng, step):
     del frozen, step
-    params = params[STUDENT]
-    img_emb, _ = student.embed_image(params, batch["image"], rngs=dropout_rngs(config, rng, 0))
-    txt_emb, _ = student.embed_text(params, batch["text_ids"], batch["text_mask"],
-                                    rngs=dropout_rngs(config, rng, 1))
-    temperature = student.temperature(params)
+    img_emb, _, txt_emb, _, temperature = embed_pair(config, student, params[STUDENT], batch, rng)
     i2t, t2i = gathered_similarity_logits(mesh, img_emb, txt_emb, temperature)
     l_itc, parts = contrastive_loss(i2t, t2i, jnp.arange(img_emb.shape[0]))
     parts.update(itc=l_itc, temperature=temperature)
@@ -214,10 +210,8 @@ def make_loss_fn(config: ml_collections.ConfigDict, model: LoopITRModel, mesh: M
     k_text_neg, k_image_neg, k_itm, k_mlm = jax.random.split(rng, 4)
     drop = lambda i: dropout_rngs(config, rng, i)
     b = batch["text_ids"].shape[0]
-    img_emb, img_tok = student.embed_image(params, batch["image"], rngs=drop(0))
-    txt_emb, txt_tok = student.embed_text(params, batch["text_ids"], batch["text_mask"],
-                                          rngs=drop(1))
-    temperature = student.temperature(params)
+    img_emb, img_tok, txt_emb, txt_tok, temperature = embed_pair(config, student, params, batch,
+                                                                 rng)
 
     # ITC against the gathered negatives of all devices (eq. 2-3).
     i2t, t2i = gathered_similarity_logits(mesh, img_emb, txt_emb, temperature)

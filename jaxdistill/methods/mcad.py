@@ -36,7 +36,7 @@ from jaxdistill.config import ConfigError
 from jaxdistill.losses import mcad
 from jaxdistill.losses.contrastive import similarity_logits
 from jaxdistill.methods.base import (STUDENT, Module, Recipe, check_teacher_tokenizer,
-                                     dropout_rngs, student_module)
+                                     embed_pair, student_module)
 from jaxdistill.models.build import towers as towers_of
 from jaxdistill.models.mcad_integration import IntegrationModule
 from jaxdistill.teachers import load_teacher
@@ -113,9 +113,7 @@ def make_loss_fn(config: ml_collections.ConfigDict, student_model, integration_m
     del step
     images, ids, mask = batch["image"], batch["text_ids"], batch["text_mask"]
     p = params[STUDENT]
-    image_s, _ = student.embed_image(p, images, rngs=dropout_rngs(config, rng, 0))
-    text_s, _ = student.embed_text(p, ids, mask, rngs=dropout_rngs(config, rng, 1))
-    tau_s = student.temperature(p)
+    image_s, _, text_s, _, tau_s = embed_pair(config, student, p, batch, rng)
     student_logits = similarity_logits(image_s, text_s, tau_s)          # D^S (eq. 1)
     metrics = {"temperature": tau_s}
 

@@ -31,11 +31,10 @@ from jax.sharding import Mesh
 
 from jaxdistill.config import ConfigError
 from jaxdistill.losses.contrastive import contrastive_loss
-from jaxdistill.losses.unimodal_kd import unimodal_kd_loss
-from jaxdistill.methods.base import STUDENT, Module, Recipe, dropout_rngs, student_module
+from jaxdistill.losses.unimodal_kd import project_and_normalize, unimodal_kd_loss
+from jaxdistill.methods.base import STUDENT, Module, Recipe, embed_pair, student_module
 from jaxdistill.models.bert import mean_pool
 from jaxdistill.models.build import towers as towers_of
-from jaxdistill.models.dual import l2_normalize
 from jaxdistill.parallel import queue as fq
 from jaxdistill.parallel.gather import gathered_similarity_logits
 from jaxdistill.teachers import load_teacher
@@ -63,12 +62,12 @@ def teacher_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   return (TEACHER,) if config.unimodal_kd.kd_weight > 0 else ()
 
 
-def make_loss_fn(config: ml_collections.ConfigDict, model: nn.Module, head: nn.Module | None,
-                 teacher, mesh: Mesh):
+def make_loss_fn(config: ml_collections.ConfigDict, model: nn.Module, teacher, mesh: Mesh):
   """loss_fn(params, frozen, extra, batch, rng, step) -> (loss, metrics, extra).
 
-  params {"student", "kd_head"}; frozen {"ssl": teacher params}; extra {"bank": FeatureQueue of
-  teacher features, ids = image ids} (no bank when bank_size = 0). batch: image [B,H,W,C],
+  params {"student", "kd_head": f_p's Dense params}; frozen {"ssl": teacher params}; extra {"bank": FeatureQueue of
+  teacher features, ids = image ids} (no bank when bank_size = 0). teacher: the Teacher, None
+  without KD (L_cl alone). batch: image [B,H,W,C],
   text_ids / text_mask [B,L], image_id [B]."""
   u = config.unimodal_kd
   student = towers_of(model)
@@ -77,19 +76,17 @@ def make_loss_fn(config: ml_collections.ConfigDict, model: nn.Module, head: nn.M
   def loss_fn(params, frozen, extra, batch, rng, step):
     del step
     p = params[STUDENT]
-    img, img_tokens = student.embed_image(p, batch["image"], rngs=dropout_rngs(config, rng, 0))
-    txt, txt_tokens = student.embed_text(p, batch["text_ids"], batch["text_mask"],
-                                         rngs=dropout_rngs(config, rng, 1))
-    tau = student.temperature(p)
+    img, img_tokens, txt, txt_tokens, tau = embed_pair(config, student, p, batch, rng)
     i2t, t2i = gathered_similarity_logits(mesh, img, txt, tau)
     itc, parts = contrastive_loss(i2t, t2i, jnp.arange(i2t.shape[0]))
     l_cl = 2.0 * itc                                    # §3.3: the sum of both directions
     parts = dict(parts, itc=l_cl, temperature=tau)
-    if head is None:
+    if teacher is None:
       return l_cl, parts, extra
     h_v = img_tokens[:, 0]                              # h_{K,v,[I_CLS]}
     h_w = txt_tokens[:, 0] if text_pool == "cls" else mean_pool(txt_tokens, batch["text_mask"])
-    project = lambda h: l2_normalize(head.apply({"params": params[KD_HEAD]}, h).astype(jnp.float32))
+    f_p = params[KD_HEAD]
+    project = lambda h: project_and_normalize(h, f_p["kernel"], f_p["bias"])
     z_t = teacher.embed_images(frozen[TEACHER], batch["image"])       # [B, Dt], unit-norm
     ids = batch["image_id"]
     if "bank" in extra:
@@ -131,4 +128,4 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, bench, steps_per_epoch:
       spec = {"teacher": jax.ShapeDtypeStruct((width,), jnp.float32)}
       init_extra = lambda: {"bank": fq.create_queue(u.bank_size, spec)}
   return Recipe(name="unimodal_kd", modules=modules, frozen=frozen, init_extra=init_extra,
-                loss_fn=make_loss_fn(config, student.model, head, teacher, mesh))
+                loss_fn=make_loss_fn(config, student.model, teacher, mesh))
