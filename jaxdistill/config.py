@@ -125,6 +125,7 @@ def base_config(preset: str = "cpu") -> ml_collections.ConfigDict:
   e.batch_size = 64 if tiny else 250
   e.rerank_k = 16                # paper 003 Table 13: re-rank the dual encoder's top-k
   e.pair_batch_size = 256 if tiny else 1024
+  e.block_elements = 1 << 22     # scores per query block of the metrics (bounds eval memory)
 
   x = c.export = ml_collections.ConfigDict()   # --mode=export: TFLite towers (export/)
   x.quantization = "none"        # none | float16 | int8 (dynamic range: int8 weights, float math)
@@ -265,6 +266,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, mode: str = "t
   for key in ("num_steps", "log_every", "checkpoint_every"):
     if config.train[key] <= 0:
       raise ConfigError(f"--config.train.{key}={config.train[key]} must be positive")
+  if config.eval.get("block_elements", 1) < 1:
+    raise ConfigError(f"--config.eval.block_elements={config.eval.block_elements} must be positive "
+                      "(scores per query block of the retrieval metrics, e.g. 4194304)")
   fm = config.data.fashion_mnist_dir
   if fm and not os.path.isdir(fm):
     raise ConfigError(

@@ -72,7 +72,9 @@ def rerank_recall(sim: Any, caption_to_image: Any, score_pairs: PairScorer, k: i
                   ) -> tuple[dict[str, float], dict[str, float]]:
   """Recall after re-ranking each query's dual-encoder top-k with a cross encoder.
 
-  sim: [N_img, N_txt] dual-encoder scores (np or jax array); caption_to_image: int [N_txt].
+  sim: [N_img, N_txt] dual-encoder scores (np or jax array, or `retrieval.EmbeddingScores`:
+    read one query block of at most `block_elements` scores at a time);
+  caption_to_image: int [N_txt].
   score_pairs(image_index int32 [P], text_index int32 [P]) -> [P]: the cross encoder's
     positive-class logit of each pair (the caller closes over the precomputed token sequences);
     always called with P = pair_batch_size, so a jitted scorer compiles once.

@@ -7,7 +7,10 @@ number of captions per image given by `caption_to_image int32 [N_txt]`:
   - R@sum: the sum of the six recalls (in percent).
 Ties are broken pessimistically: a non-gold candidate whose score equals the best gold score
 ranks ahead of it, so a constant scorer gets no credit. NaN scores rank last (as -inf).
-Gold ranks are computed on blocks of queries, so memory stays bounded (5k x 25k is fine).
+Gold ranks are computed on blocks of queries of at most `block_elements` scores each. Given an
+`EmbeddingScores` instead of a dense matrix, each block is computed from the embeddings when it is
+read, so the N_img x N_txt matrix is never materialised: peak memory is O(block_elements), a few
+bytes per score of a block (docs/benchmarks.md measures 5,000 x 25,010).
 """
 
 from __future__ import annotations
@@ -19,7 +22,20 @@ import jax.numpy as jnp
 import numpy as np
 
 DIRECTIONS = ("i2t", "t2i")
-DEFAULT_BLOCK_ELEMENTS = 1 << 22   # scores per query block (16 MiB of float32; ~10x that transient)
+DEFAULT_BLOCK_ELEMENTS = 1 << 22   # scores per query block (16 MiB of float32; the ranking adds a
+                                   # few times that in host temporaries)
+
+
+def _block_scores(img_block: jax.Array, txt_block: jax.Array) -> np.ndarray:
+  """<img_i, txt_j> of one block: [n, D], [t, D] device arrays -> float32 np.ndarray [n, t]."""
+  return np.asarray(jnp.matmul(img_block, txt_block.T, precision=jax.lax.Precision.HIGHEST),
+                    np.float32)
+
+
+def _check_embeddings(img_emb: Any, txt_emb: Any, what: str) -> None:
+  if np.ndim(img_emb) != 2 or np.ndim(txt_emb) != 2 or np.shape(img_emb)[1] != np.shape(txt_emb)[1]:
+    raise ValueError(f"{what} needs img_emb [N, D] and txt_emb [T, D] with the same D; "
+                     f"got {np.shape(img_emb)} and {np.shape(txt_emb)}")
 
 
 def similarity_matrix(img_emb: Any, txt_emb: Any,
@@ -28,20 +44,54 @@ def similarity_matrix(img_emb: Any, txt_emb: Any,
 
   Computed on the device in float32, in blocks of image rows (at most `block_elements` scores
   each), at HIGHEST matmul precision (TPUs otherwise multiply float32 in bfloat16 passes, which
-  reorders near-ties in the ranking).
+  reorders near-ties in the ranking). The whole matrix is returned: for large splits pass an
+  `EmbeddingScores` to the metrics instead.
   """
-  if np.ndim(img_emb) != 2 or np.ndim(txt_emb) != 2 or np.shape(img_emb)[1] != np.shape(txt_emb)[1]:
-    raise ValueError(f"similarity_matrix needs img_emb [N, D] and txt_emb [T, D] with the same D; "
-                     f"got {np.shape(img_emb)} and {np.shape(txt_emb)}")
+  _check_embeddings(img_emb, txt_emb, "similarity_matrix")
   num_images, num_texts = np.shape(img_emb)[0], np.shape(txt_emb)[0]
   txt = jnp.asarray(txt_emb, jnp.float32)
   rows = max(1, block_elements // max(num_texts, 1))
   out = np.empty((num_images, num_texts), np.float32)
   for start in range(0, num_images, rows):
-    block = jnp.asarray(img_emb[start:start + rows], jnp.float32)
-    out[start:start + rows] = np.asarray(
-        jnp.matmul(block, txt.T, precision=jax.lax.Precision.HIGHEST), np.float32)
+    out[start:start + rows] = _block_scores(jnp.asarray(img_emb[start:start + rows], jnp.float32),
+                                            txt)
   return out
+
+
+class EmbeddingScores:
+  """The [N_img, N_txt] score matrix <img_i, txt_j> of two embedding sets, never materialised.
+
+  Reads as the dense matrix does where the metrics read it: `.shape`, `sim[a:b]` (image rows,
+  float32 [b - a, N_txt]) and `sim[:, a:b]` (caption columns, float32 [N_img, b - a]); each read
+  computes that block as `similarity_matrix` does (device float32, HIGHEST precision). Pass it to
+  `gold_ranks`, `recall_at_k` or `rerank_recall` in place of the matrix: they read one query block
+  at a time, so memory is O(block_elements) instead of O(N_img x N_txt).
+  img_emb [N_img, D], txt_emb [N_txt, D]: kept on the host and on the device.
+  """
+
+  def __init__(self, img_emb: Any, txt_emb: Any):
+    _check_embeddings(img_emb, txt_emb, "EmbeddingScores")
+    # Host copies give the blocks' slices (no per-slice device op); device copies the other side.
+    self._img_host = np.asarray(img_emb, np.float32)
+    self._txt_host = np.asarray(txt_emb, np.float32)
+    self._img = jnp.asarray(self._img_host)
+    self._txt = jnp.asarray(self._txt_host)
+    self.shape = (len(self._img_host), len(self._txt_host))
+
+  def __getitem__(self, index) -> np.ndarray:
+    if isinstance(index, slice):
+      return _block_scores(jnp.asarray(self._img_host[self._range(index, 0)]), self._txt)
+    if (isinstance(index, tuple) and len(index) == 2 and index[0] == slice(None)
+        and isinstance(index[1], slice)):
+      return _block_scores(self._img, jnp.asarray(self._txt_host[self._range(index[1], 1)]))
+    raise TypeError(f"EmbeddingScores reads image rows sim[a:b] or caption columns sim[:, a:b] "
+                    f"only, got index {index!r}")
+
+  def _range(self, index: slice, axis: int) -> slice:
+    start, stop, step = index.indices(self.shape[axis])
+    if step != 1:
+      raise TypeError(f"EmbeddingScores reads contiguous blocks only, got step {index.step}")
+    return slice(start, max(start, stop))
 
 
 def embed_in_batches(fn: Callable[[dict], Any], arrays: dict[str, Any], batch_size: int) -> Any:
@@ -115,13 +165,16 @@ def query_blocks(sim: Any, caption_to_image: np.ndarray, direction: str,
                  ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
   """Yields (queries [Q], scores [Q, C], gold [Q, C] bool) over blocks of queries.
 
-  sim: [N_img, N_txt] np or jax array (only one block is on the host at a time).
+  sim: [N_img, N_txt] np or jax array or `EmbeddingScores` (only one block is on the host at a
+    time; at most max(block_elements, one query's candidates) scores).
   direction "i2t": queries are images, candidates texts, gold = that image's captions.
   direction "t2i": queries are texts, candidates images, gold = the caption's image.
   caption_to_image: as returned by `check_caption_to_image`. Scores have NaN as -inf.
   """
   if direction not in DIRECTIONS:
     raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+  if block_elements < 1:
+    raise ValueError(f"block_elements must be >= 1 (scores per query block), got {block_elements}")
   num_images, num_texts = sim.shape
   num_queries, num_candidates = ((num_images, num_texts) if direction == "i2t"
                                  else (num_texts, num_images))
@@ -176,7 +229,8 @@ def recall_at_k(sim: Any, caption_to_image: Any, ks: tuple[int, ...] = (1, 5, 10
                 block_elements: int = DEFAULT_BLOCK_ELEMENTS) -> dict[str, float]:
   """Karpathy-protocol recall (percent) of a score matrix.
 
-  sim: [N_img, N_txt] np or jax array, higher = more similar; caption_to_image: int [N_txt].
+  sim: [N_img, N_txt] np or jax array or `EmbeddingScores`, higher = more similar;
+  caption_to_image: int [N_txt]; block_elements: scores per query block (bounds memory).
   Returns {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum"} (keys follow
   `ks`); a k above the number of candidates counts every query as a hit.
   """

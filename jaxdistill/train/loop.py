@@ -23,7 +23,7 @@ from jaxdistill.data import pipeline
 from jaxdistill.data.benchmark import prepare_benchmark
 from jaxdistill.data.negatives import training_negatives
 from jaxdistill.evaluate.plots import write_plots
-from jaxdistill.evaluate.run import evaluate_and_report
+from jaxdistill.evaluate.run import evaluate_and_report, write_eval_results
 from jaxdistill.models.build import towers
 from jaxdistill.parallel import sharding
 from jaxdistill.parallel.mesh import make_mesh, replicated
@@ -185,7 +185,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                 split=config.eval.split)
   results["train_seconds_this_run"] = train_seconds
   results["step"] = int(state.step)
-  write_json_atomic(os.path.join(workdir, "eval.json"), results)
+  write_eval_results(workdir, "eval.json", results, config, results["step"])
   _write_plots(workdir)
   return results
 
@@ -193,14 +193,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """--mode=eval: re-evaluates the latest checkpoint of `workdir` (its network and params only;
   the recipe and its teachers are not built). Writes eval.json for the test split and
-  eval_<split>.json for another (model selection on val keeps the test result beside it)."""
+  eval_<split>.json for another (model selection on val keeps the test result beside it), each
+  with its CLIP_benchmark-format clip_benchmark[_<split>].json (evaluate/run.py)."""
   run = load_run(workdir)
   bench = prepare_benchmark(config, workdir)
   split = config.eval.split
   results = evaluate_and_report(run.towers, run.params, bench, config, split=split)
   results["step"] = run.step
   name = "eval.json" if split == "test" else f"eval_{split}.json"
-  write_json_atomic(os.path.join(workdir, name), results)
+  write_eval_results(workdir, name, results, config, run.step)
   _write_plots(workdir)
   return results
 
