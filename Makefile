@@ -26,4 +26,4 @@ train: $(STAMP)
 	$(VENV)/bin/python -m jaxdistill.main --config=configs/loopitr.py --workdir=runs/loopitr
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest tests
+	$(VENV)/bin/python -m pytest -n 2 --dist loadfile tests
