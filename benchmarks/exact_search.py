@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from jaxdistill.atomic import write_json_atomic  # noqa: E402
 from jaxdistill.mining.exact import exact_top_k, neighbor_recall  # noqa: E402
 from jaxdistill.mining.scann_index import build_index, derive_params  # noqa: E402
-from mining import clustered_corpus  # noqa: E402  (benchmarks/mining.py)
+from mining import add_corpus_args, clustered_corpus  # noqa: E402  (benchmarks/mining.py)
 
 METHODS = ("exact_numpy", "exact_jax_scan", "numpy_argpartition", "jit_top_k", "numpy_matmul",
            "scann")
@@ -109,11 +109,7 @@ def timed(fn, queries, warmup):
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  ap.add_argument("--num_corpus", type=int, default=1_000_000)
-  ap.add_argument("--num_queries", type=int, default=10_000)
-  ap.add_argument("--dim", type=int, default=256)
-  ap.add_argument("--num_clusters", type=int, default=2000)
-  ap.add_argument("--k", type=int, default=10)
+  add_corpus_args(ap)
   ap.add_argument("--chunk", type=int, default=100_000, help="corpus rows per baseline chunk")
   ap.add_argument("--query_block", type=int, default=1024)
   ap.add_argument("--corpus_block", type=int, default=16384, help="exact_top_k's corpus_block")

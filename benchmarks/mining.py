@@ -117,13 +117,18 @@ def best(points, target):
   return max(ok, key=lambda p: p["qps"]) if ok else None
 
 
-def main():
-  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_corpus_args(ap: argparse.ArgumentParser) -> None:
+  """The corpus / query flags the search benchmarks share (`clustered_corpus`'s sizes, k)."""
   ap.add_argument("--num_corpus", type=int, default=1_000_000)
   ap.add_argument("--num_queries", type=int, default=10_000)
   ap.add_argument("--dim", type=int, default=256)
   ap.add_argument("--num_clusters", type=int, default=2000)
   ap.add_argument("--k", type=int, default=10)
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  add_corpus_args(ap)
   ap.add_argument("--target_recall", type=float, default=0.95)
   ap.add_argument("--scann_fractions", default="0.005,0.01,0.02,0.05")
   ap.add_argument("--scann_reorders", default="100,250")
