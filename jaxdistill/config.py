@@ -18,6 +18,8 @@ import ml_collections
 from jaxdistill.errors import JaxDistillError
 
 PRESETS = ("tiny", "cpu", "paper")
+# config.data.name: the bundled benchmark, then data/real/dataset.py NAMES.
+DATA_NAMES = ("fashion_grid", "karpathy_json", "coco", "flickr30k", "tfds", "webdataset")
 EXPORT_QUANTIZATIONS = ("none", "float16", "int8", "int8_full")   # export/tflite.py
 
 
@@ -27,8 +29,8 @@ class ConfigError(JaxDistillError, ValueError):
 
 def _model(preset: str) -> ml_collections.ConfigDict:
   m = ml_collections.ConfigDict()
-  m.image_size = 56
-  m.channels = 1
+  m.image_size = 56           # image_size, channels, image_mean / image_std: the benchmark's;
+  m.channels = 1              # real data fills them in from config.data (data/real/dataset.py)
   m.patch_size = 28           # one token per 28x28 cell of the 2x2 grid
   m.stem = "conv"
   m.image_pool = "concat"     # per-cell slots in the image embedding (see docs/results.md)
@@ -92,6 +94,10 @@ def base_config(preset: str = "cpu") -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
 
   d = c.data = ml_collections.ConfigDict()
+  # fashion_grid: the bundled benchmark (the keys down to `tokenizer`); karpathy_json | coco |
+  # flickr30k | tfds | webdataset: real data (data/real/dataset.py; README "Your own data").
+  d.name = "fashion_grid"
+  d.train_split = ""             # "" = the dataset's (train; Karpathy COCO: train+restval)
   d.fashion_mnist_dir = ""       # "" = search /usr/share/datasets/fashion-mnist
   d.seed = 0                     # benchmark generator seed (splits, captions, groups)
   d.num_train = 256 if tiny else 8000
@@ -101,6 +107,20 @@ def base_config(preset: str = "cpu") -> ml_collections.ConfigDict:
   d.swap_fraction = 0.5
   d.vocab_size = 256
   d.tokenizer = ""               # "" = built from the captions; else tokenizer.json or HF dir
+  # Real data only:
+  d.karpathy_json = ""           # karpathy_json | coco | flickr30k: dataset_*.json ...
+  d.image_root = ""              # ... and the folder its filepath / filename are relative to
+  d.tfds_name = "coco_captions"  # tfds: the builder, prepared as ArrayRecord under tfds_dir
+  d.tfds_dir = ""                # "" = ~/tensorflow_datasets
+  d.shards = ml_collections.ConfigDict(dict(train="", val="", test=""))   # webdataset patterns
+  d.max_captions = 5             # captions kept per image (the 5-per-image Karpathy protocol)
+  d.image_size = 224             # side the student sees (train crop and eval centre crop)
+  d.image_resize = 224           # eval: shorter side before the centre crop (0: straight resize)
+  d.image_mean = (0.48145466, 0.4578275, 0.40821073)   # OpenAI CLIP's constants
+  d.image_std = (0.26862954, 0.26130258, 0.27577711)
+  d.preprocessor = ""            # a checkpoint dir: its preprocessor_config.json replaces the 4 above
+  d.crop_scale = (0.9, 1.0)      # RandomResizedCrop area fraction (open_clip fine-tuning)
+  d.num_threads = 4              # host threads decoding images
 
   c.model = _model(preset)
   c.model.kind = "dual"          # models/build.py: dual | loopitr (set by the recipe's config)
@@ -211,13 +231,13 @@ def _choice(value, key: str, options: tuple[str, ...]) -> None:
 
 
 def teacher_section(kind: str = "", path: str = "") -> ml_collections.ConfigDict:
-  """One named teacher: kind "" (none) | workdir | pretrained, path (a run's workdir or a
-  checkpoint), dtype float32 | bfloat16 (params and compute; outputs float32), shard (params
+  """One named teacher: kind "" (none) | workdir | pretrained | cache, path (a run's workdir, a
+  checkpoint, or a --mode=cache_teacher split directory: features read, not computed), dtype float32 | bfloat16 (params and compute; outputs float32), shard (params
   split over the mesh's fsdp axis by config.sharding.rules; False = replicated)."""
   return ml_collections.ConfigDict(dict(kind=kind, path=path, dtype="float32", shard=False))
 
 
-TEACHER_KINDS = ("workdir", "pretrained")   # teachers/__init__.py KINDS
+TEACHER_KINDS = ("workdir", "pretrained", "cache")   # teachers/__init__.py KINDS
 
 
 def validate_teachers(config: ml_collections.ConfigDict, names) -> None:
@@ -254,8 +274,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, mode: str = "t
     raise ConfigError(
         f"--config.batch_size={b} is not divisible by the {num_devices} devices of the mesh: "
         f"use a multiple of {num_devices} (e.g. --config.batch_size={max(num_devices, b - b % num_devices)})")
+  name = config.data.get("name", "fashion_grid")
+  _choice(name, "data.name", DATA_NAMES)
   gs = config.data.group_size
-  if gs < 1 or b % gs:
+  if name == "fashion_grid" and (gs < 1 or b % gs):
     raise ConfigError(f"--config.batch_size={b} must be a multiple of --config.data.group_size={gs} "
                       "(batches are made of whole look-alike groups); change one of them")
   if config.model.get("image_tower", "vit") == "hf_vit":

@@ -98,7 +98,8 @@ def main(argv: list[str]) -> None:
       from jaxdistill import methods
       methods.validate(config)
     from jaxdistill.data.fashion_mnist import validate_fashion_mnist_dir
-    validate_fashion_mnist_dir(config.data.fashion_mnist_dir or None)
+    if config.data.get("name", "fashion_grid") == "fashion_grid":
+      validate_fashion_mnist_dir(config.data.fashion_mnist_dir or None)
     module_name, function_name = MODES[_MODE.value].split(":")
     run = getattr(importlib.import_module(module_name), function_name)
     run(config, _WORKDIR.value)

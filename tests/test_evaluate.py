@@ -318,8 +318,9 @@ def test_evaluate_and_report_on_towers(tmp_path):
   txt = np.asarray(dual.embed_text(params, arrays["text_ids"], arrays["text_mask"])[0])
   want = recall_at_k(similarity_matrix(img, txt), arrays["caption_to_image"])
 
-  results = evaluate_and_report(dual, params, bench, config, split="test", verbose=False)
-  assert results["split"] == "test" and list(results) == ["split", "dual"]
+  results = evaluate_and_report(dual, params, bench.eval_split("test"), config, verbose=False)
+  assert results["split"] == "test" and results["dataset"] == "compositional_test"
+  assert "dual+rerank@16" not in results and results["skipped"] == {}
   for key, value in want.items():
     assert results["dual"][key] == pytest.approx(value, abs=1e-9), key
   assert 0.0 <= results["dual"]["binding"] <= 100.0
@@ -333,7 +334,8 @@ def test_evaluate_and_report_on_towers(tmp_path):
   cosine_cross = Towers(embed_image=with_tokens(dual.embed_image),
                         embed_text=with_tokens(dual.embed_text), temperature=dual.temperature,
                         match_scores=lambda p, it, tt, mask: jnp.sum(it[:, 0] * tt[:, 0], -1))
-  results = evaluate_and_report(cosine_cross, params, bench, config, split="test", verbose=False)
+  results = evaluate_and_report(cosine_cross, params, bench.eval_split("test"), config,
+                                verbose=False)
   rerank = results[f"dual+rerank@{config.eval.rerank_k}"]
   for key in want:
     assert rerank[key] == pytest.approx(results["dual"][key], abs=1e-9), key

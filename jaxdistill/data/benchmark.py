@@ -1,6 +1,9 @@
-"""The bundled benchmark, ready for a run: splits, the tokenizer (built from the captions or a
-pretrained one, config.data.tokenizer; saved in the workdir, so the export and a resumed run use
-the same vocabulary) and token ids of every caption."""
+"""The bundled benchmark (config.data.name = "fashion_grid"), ready for a run: splits, the
+tokenizer (built from the captions or a pretrained one, config.data.tokenizer; saved in the
+workdir, so the export and a resumed run use the same vocabulary) and token ids of every caption.
+`Benchmark` answers what the trainer, the evaluator and the teacher cache ask of a dataset
+(`train_dataset`, `num_train`, `eval_split`, `train_sample`), as data/real/dataset.py's
+`RealData` does for real data."""
 
 from __future__ import annotations
 
@@ -11,7 +14,9 @@ import ml_collections
 import numpy as np
 import tokenizers
 
+from jaxdistill.data import pipeline
 from jaxdistill.data.compositional import CompositionalSplit, build_benchmark
+from jaxdistill.data.eval_split import EvalSplit
 from jaxdistill.data.fashion_mnist import load_fashion_mnist
 from jaxdistill.data.unpaired import SPLIT as UNPAIRED, build_unpaired_pool
 from jaxdistill.data.tokenizer import (SpecialIds, build_tokenizer, encode,
@@ -19,6 +24,7 @@ from jaxdistill.data.tokenizer import (SpecialIds, build_tokenizer, encode,
                                        special_ids)
 
 TOKENIZER_FILE = "tokenizer.json"
+NAME = "fashion_grid"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +43,36 @@ class Benchmark:
   @property
   def special_ids(self) -> SpecialIds:
     return special_ids(self.tokenizer)
+
+  dataset = "compositional"   # reports' dataset name
+
+  def num_train(self, split: str) -> int:
+    return len(self.splits[split].image_ids)
+
+  def train_dataset(self, config: ml_collections.ConfigDict, split: str, *, process_index: int,
+                    process_count: int, negatives=None):
+    """data/pipeline.py's stream of `split` (batches of whole look-alike groups)."""
+    return pipeline.train_dataset(
+        self.splits[split], *self.tokens[split], global_batch_size=config.batch_size,
+        group_size=config.data.group_size, seed=config.seed, process_index=process_index,
+        process_count=process_count, negatives=negatives)
+
+  def eval_split(self, split: str) -> EvalSplit:
+    data = self.splits[split]
+    arrays = pipeline.eval_arrays(data, *self.tokens[split])
+    per_image = self.tokens[split][0].shape[1]
+    return EvalSplit(name=split, dataset=f"{self.dataset}_{split}", images=arrays["image"],
+                     image_ids=np.asarray(data.image_ids), captions=list(data.captions),
+                     text_ids=arrays["text_ids"], text_mask=arrays["text_mask"],
+                     caption_to_image=arrays["caption_to_image"],
+                     caption_index=np.tile(np.arange(per_image, dtype=np.int32), len(data.captions)),
+                     probe=self.probe_tokens[split])
+
+  def train_sample(self, n: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """The first caption of the first n train images: (texts, ids [n, L], mask [n, L])."""
+    ids, mask = self.tokens["train"]
+    n = min(n, len(ids))
+    return [self.splits["train"].captions[i][0] for i in range(n)], ids[:n, 0], mask[:n, 0]
 
 
 def prepare_benchmark(config: ml_collections.ConfigDict, workdir: str | None) -> Benchmark:

@@ -97,7 +97,8 @@ class EmbeddingScores:
 def embed_in_batches(fn: Callable[[dict], Any], arrays: dict[str, Any], batch_size: int) -> Any:
   """Runs `fn` (a jitted embedding fn) over a dataset in fixed-size batches.
 
-  arrays: {name: [N, ...]}, all with the same N; fn gets {name: [batch_size, ...]} and returns an
+  arrays: {name: [N, ...]} (arrays, or array-likes decoded as sliced), all with the same N; fn
+  gets {name: [batch_size, ...]} and returns an
   array [batch_size, ...] or a pytree of them. The last batch is padded by repeating its last
   row (valid input, so one compiled shape and no NaNs from empty rows); padding is dropped.
   Returns np.ndarray [N, ...] (or the same pytree of them). Batch b+1 is dispatched before batch
@@ -107,7 +108,9 @@ def embed_in_batches(fn: Callable[[dict], Any], arrays: dict[str, Any], batch_si
     raise ValueError("embed_in_batches needs at least one input array in `arrays`")
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  host = {name: np.asarray(a) for name, a in arrays.items()}
+  # An array-like with a shape (e.g. data/real/dataset.py LazyImages) is sliced, not copied.
+  host = {name: a if hasattr(a, "shape") and hasattr(a, "__getitem__") else np.asarray(a)
+          for name, a in arrays.items()}
   sizes = {name: a.shape[0] if a.ndim else None for name, a in host.items()}
   if len(set(sizes.values())) != 1 or None in sizes.values():
     raise ValueError(f"embed_in_batches needs arrays with one shared leading size; got {sizes}")
@@ -116,7 +119,7 @@ def embed_in_batches(fn: Callable[[dict], Any], arrays: dict[str, Any], batch_si
     raise ValueError("embed_in_batches got an empty dataset (leading size 0)")
 
   def batch_at(start: int) -> dict[str, np.ndarray]:
-    batch = {name: a[start:start + batch_size] for name, a in host.items()}
+    batch = {name: np.asarray(a[start:start + batch_size]) for name, a in host.items()}
     pad = batch_size - (min(start + batch_size, num) - start)
     if pad:
       batch = {name: np.concatenate([b, np.repeat(b[-1:], pad, axis=0)])

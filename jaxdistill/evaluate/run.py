@@ -1,5 +1,7 @@
-"""Evaluates a network's towers (models/build.py `Towers`) on a benchmark split: dual-encoder retrieval, cross-encoder
-re-ranking of the dual top-k (paper 003 Table 13), and the binding probe for both encoders.
+"""Evaluates a network's towers (models/build.py `Towers`) on a dataset's split (data/eval_split.py
+`EvalSplit`: the bundled benchmark's or a real one's): dual-encoder retrieval with the Karpathy
+protocol (and COCO's 1K folds), cross-encoder re-ranking of the dual top-k (paper 003 Table 13),
+and, on the bundled benchmark, the binding probe for both encoders.
 
 The similarity matrix is never materialised: the metrics read `retrieval.EmbeddingScores` one
 query block of at most `config.eval.block_elements` scores at a time."""
@@ -15,8 +17,7 @@ import ml_collections
 import numpy as np
 
 from jaxdistill.atomic import write_json_atomic
-from jaxdistill.data.benchmark import Benchmark
-from jaxdistill.data.pipeline import eval_arrays
+from jaxdistill.data.eval_split import EvalSplit, image_failures
 from jaxdistill.evaluate.binding import binding_accuracy
 from jaxdistill.evaluate.report import clip_benchmark_result, format_table
 from jaxdistill.evaluate.rerank import rerank_recall
@@ -25,41 +26,64 @@ from jaxdistill.evaluate.retrieval import (DEFAULT_BLOCK_ELEMENTS, EmbeddingScor
 from jaxdistill.models.build import Towers
 
 
-def evaluate_and_report(towers: Towers, params, bench: Benchmark, config: ml_collections.ConfigDict,
-                        split: str, verbose: bool = True) -> dict:
-  """Returns {"dual": metrics, "dual+rerank@k": metrics, "split": split}; prints the table.
+def evaluate_and_report(towers: Towers, params, split: EvalSplit, config: ml_collections.ConfigDict,
+                        verbose: bool = True) -> dict:
+  """Returns {"dual": metrics, "dual+rerank@k": metrics (with a cross encoder), "split",
+  "dataset", "num_images", "num_captions", "skipped", and "dual_<fold>" (the mean over a
+  fold protocol's folds, e.g. COCO's five 1K test folds as "dual_1k")}; prints the table.
 
-  dual "query_ms": embedding both sides and ranking every query, over N_img + N_txt queries.
-  """
+  Images that could not be read (data/eval_split.py image_failures) and their captions are left
+  out of the protocol and counted under "skipped". dual "query_ms": embedding both sides and
+  ranking every query, over N_img + N_txt queries."""
   ev = config.eval
   block_elements = ev.get("block_elements", DEFAULT_BLOCK_ELEMENTS)
-  arrays = eval_arrays(bench.splits[split], *bench.tokens[split])
   embed_image = jax.jit(lambda images: towers.embed_image(params, images))
   embed_text = jax.jit(lambda ids, mask: towers.embed_text(params, ids, mask))
+  texts = lambda ids, mask: embed_in_batches(lambda a: embed_text(a["ids"], a["mask"]),
+                                             {"ids": ids, "mask": mask}, ev.batch_size)
 
   t0 = time.time()
   img_emb, img_tok = embed_in_batches(lambda a: embed_image(a["image"]),
-                                      {"image": arrays["image"]}, ev.batch_size)
-  txt_emb, txt_tok = embed_in_batches(lambda a: embed_text(a["ids"], a["mask"]),
-                                      {"ids": arrays["text_ids"], "mask": arrays["text_mask"]},
-                                      ev.batch_size)
+                                      {"image": split.images}, ev.batch_size)
+  failed = image_failures(split.images)
+  keep_images = np.setdiff1d(np.arange(split.num_images), list(failed))
+  keep_texts = np.flatnonzero(np.isin(split.caption_to_image, keep_images))
+  new_row = np.full(split.num_images, -1, np.int64)
+  new_row[keep_images] = np.arange(len(keep_images))
+  txt_emb, txt_tok = texts(split.text_ids[keep_texts], split.text_mask[keep_texts])
+  img_emb, img_tok = img_emb[keep_images], img_tok[keep_images]
+  c2i = new_row[split.caption_to_image[keep_texts]].astype(np.int32)
   sim = EmbeddingScores(img_emb, txt_emb)
-  c2i = arrays["caption_to_image"]
   dual = recall_at_k(sim, c2i, block_elements=block_elements)
   dual_seconds = time.time() - t0
   dual["query_ms"] = 1000 * dual_seconds / (sim.shape[0] + sim.shape[1])
+  skipped = {reason: n for reason, n in split.skipped.items() if n}
+  for reason in failed.values():
+    skipped[reason] = skipped.get(reason, 0) + 1
+  results = {"split": split.name, "dataset": split.dataset, "num_images": int(sim.shape[0]),
+             "num_captions": int(sim.shape[1]), "skipped": skipped, "dual": dual}
+  for fold_name, folds in split.folds.items():
+    per_fold = []
+    for rows in folds:
+      rows = new_row[rows][new_row[rows] >= 0]
+      caps = np.flatnonzero(np.isin(c2i, rows))
+      remap = np.full(len(img_emb), -1, np.int64)
+      remap[rows] = np.arange(len(rows))
+      per_fold.append(recall_at_k(EmbeddingScores(img_emb[rows], txt_emb[caps]),
+                                  remap[c2i[caps]].astype(np.int32), block_elements=block_elements))
+    results[f"dual_{fold_name}"] = {k: float(np.mean([m[k] for m in per_fold]))
+                                    for k in per_fold[0]}
 
-  true_ids, true_mask, false_ids, false_mask = bench.probe_tokens[split]
-  true_emb, true_tok = embed_in_batches(lambda a: embed_text(a["ids"], a["mask"]),
-                                        {"ids": true_ids, "mask": true_mask}, ev.batch_size)
-  false_emb, false_tok = embed_in_batches(lambda a: embed_text(a["ids"], a["mask"]),
-                                          {"ids": false_ids, "mask": false_mask}, ev.batch_size)
-  dual["binding"] = binding_accuracy(np.sum(img_emb * true_emb, -1), np.sum(img_emb * false_emb, -1))
-  results = {"split": split, "dual": dual}
+  if split.probe is not None:
+    true_ids, true_mask, false_ids, false_mask = split.probe
+    true_emb, true_tok = texts(true_ids, true_mask)
+    false_emb, false_tok = texts(false_ids, false_mask)
+    dual["binding"] = binding_accuracy(np.sum(img_emb * true_emb, -1),
+                                       np.sum(img_emb * false_emb, -1))
 
   if towers.match_scores is not None:
     img_tok_d, txt_tok_d = jnp.asarray(img_tok), jnp.asarray(txt_tok)
-    txt_mask_d = jnp.asarray(arrays["text_mask"])
+    txt_mask_d = jnp.asarray(split.text_mask[keep_texts])
 
     @jax.jit
     def score_indexed(img_idx, txt_idx):
@@ -70,18 +94,22 @@ def evaluate_and_report(towers: Towers, params, bench: Benchmark, config: ml_col
         k=ev.rerank_k, pair_batch_size=ev.pair_batch_size, block_elements=block_elements)
     reranked["query_ms"] = dual["query_ms"] + timing["ms_per_query"]
 
-    match = jax.jit(lambda i, t, m: towers.match_scores(params, i, t, m))
-    n = len(true_ids)
-    probe = lambda tok, mask: np.concatenate([
-        np.asarray(match(img_tok[s:s + ev.batch_size], tok[s:s + ev.batch_size],
-                         mask[s:s + ev.batch_size])) for s in range(0, n, ev.batch_size)])
-    reranked["binding"] = binding_accuracy(probe(true_tok, true_mask), probe(false_tok, false_mask))
+    if split.probe is not None:
+      match = jax.jit(lambda i, t, m: towers.match_scores(params, i, t, m))
+      n = len(true_ids)
+      probe = lambda tok, mask: np.concatenate([
+          np.asarray(match(img_tok[s:s + ev.batch_size], tok[s:s + ev.batch_size],
+                           mask[s:s + ev.batch_size])) for s in range(0, n, ev.batch_size)])
+      reranked["binding"] = binding_accuracy(probe(true_tok, true_mask),
+                                             probe(false_tok, false_mask))
     results[f"dual+rerank@{ev.rerank_k}"] = reranked
     results["rerank_timing"] = timing
   if verbose:
-    print(f"\n{split} split: {sim.shape[0]} images x {sim.shape[1]} captions "
-          f"(binding probe: true vs minimally edited caption, chance 50%; the rerank row's "
-          f"binding column is the cross encoder's)")
+    probe_note = (" (binding probe: true vs minimally edited caption, chance 50%; the rerank "
+                  "row's binding column is the cross encoder's)" if split.probe is not None else "")
+    skip_note = f"; skipped {skipped}" if skipped else ""
+    print(f"\n{split.dataset}: {sim.shape[0]} images x {sim.shape[1]} captions{skip_note}"
+          f"{probe_note}")
     print(format_table({k: v for k, v in results.items() if isinstance(v, dict) and "rsum" in v}),
           flush=True)
   return results
@@ -92,14 +120,14 @@ def write_eval_results(workdir: str, name: str, results: dict, config: ml_collec
   """Writes `results` to <workdir>/<name> (eval.json, eval_<split>.json) and its "dual" recalls in
   CLIP_benchmark's retrieval format to <workdir>/clip_benchmark<suffix>.json beside it (suffix:
   name's after "eval"), both atomically. CLIP_benchmark fields: dataset
-  "jaxdistill/compositional_<split>", model "<model.kind>:<image_tower>+<text_tower>",
+  "jaxdistill/<dataset>_<split>" (compositional_test, coco_test, ...), model "<model.kind>:<image_tower>+<text_tower>",
   pretrained "<abs workdir>@step<step>"."""
   if not (name.startswith("eval") and name.endswith(".json")):
     raise ValueError(f"evaluation results go to eval*.json, got {name!r}")
   write_json_atomic(os.path.join(workdir, name), results)
   m = config.model
   clip = clip_benchmark_result(
-      results["dual"], dataset=f"jaxdistill/compositional_{results['split']}",
+      results["dual"], dataset=f"jaxdistill/{results['dataset']}",
       model=f"{m.kind}:{m.get('image_tower', 'vit')}+{m.get('text_tower', 'transformer')}",
       pretrained=f"{os.path.abspath(workdir)}@step{step}")
   write_json_atomic(os.path.join(workdir, "clip_benchmark" + name[len("eval"):]), clip)

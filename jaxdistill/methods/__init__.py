@@ -1,6 +1,6 @@
 """The recipe registry: one module per paper recipe, picked by config.method.
 
-Each recipe module has `build(config, mesh, bench, steps_per_epoch) -> Recipe` (methods/base.py),
+Each recipe module has `build(config, mesh, data, steps_per_epoch) -> Recipe` (methods/base.py),
 `teacher_names(config)` (the config.teachers sections it reads) and may have
 `validate(config)` (its own section's checks). Only `jaxdistill.main` imports this package.
 A config with a `pipeline` section (configs/leaner_faster.py) is a chain of such runs:
@@ -44,9 +44,9 @@ def validate(config) -> None:
   validate_teachers(config, module.teacher_names(config))
 
 
-def build(config, mesh, bench, steps_per_epoch: int):
+def build(config, mesh, data, steps_per_epoch: int):
   """The `Recipe` of `config.method`."""
-  return recipe_module(config).build(config, mesh, bench, steps_per_epoch)
+  return recipe_module(config).build(config, mesh, data, steps_per_epoch)
 
 
 def train(config, workdir: str):

@@ -46,6 +46,9 @@ class Recipe:
   warmup: (steps, loss_fn) or None: the loss of the first `steps` steps, compiled as its own
     step, so a warm-up that uses part of the objective skips the work of the rest (LoopITR's
     ITC-only warm-up runs no cross encoder); `loss_fn` from step `steps` on.
+  batch_features: {teacher name: teacher cache directory} of cached teachers (kind "cache"):
+    the trainer adds their features of each example to the batch as <name>_image_emb [B, E],
+    <name>_text_emb [B, E], <name>_valid [B] (teachers/cache.py add_cached_features).
   """
   name: str
   modules: Mapping[str, Module]
@@ -54,6 +57,7 @@ class Recipe:
   ema: Mapping[str, float] = dataclasses.field(default_factory=dict)
   init_extra: Callable[[], Any] | None = None
   warmup: tuple[int, LossFn] | None = None
+  batch_features: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 _DROPOUT_STREAM = 0x0D0   # folded into the step key for dropout, apart from the recipe's own keys
@@ -94,17 +98,16 @@ def student_module(config) -> Module:
   return Module(model, lambda key: init_params(model, config.model, key))
 
 
-def check_teacher_tokenizer(method: str, name: str, teacher, bench) -> None:
+def check_teacher_tokenizer(method: str, name: str, teacher, data) -> None:
   """A teacher reads the student's token ids: one with its own vocabulary (teacher.tokenize) must
-  agree with the benchmark's tokenizer on the train captions it is shown, else ConfigError."""
+  agree with the run's tokenizer on train captions (data.train_sample), else ConfigError."""
   if teacher.tokenize is None:
     return
-  ids, mask = bench.tokens["train"]
-  sample = [bench.splits["train"].captions[i][0] for i in range(min(32, len(ids)))]
+  sample, ids, mask = data.train_sample(32)
   t_ids, t_mask = teacher.tokenize(sample)
-  width = min(t_ids.shape[1], ids.shape[2])
-  same = (np.array_equal(t_ids[:, :width] * t_mask[:, :width], ids[:len(sample), 0, :width])
-          and int(t_mask.sum()) == int(mask[:len(sample), 0].sum()))
+  width = min(t_ids.shape[1], ids.shape[1])
+  same = (np.array_equal(t_ids[:, :width] * t_mask[:, :width], ids[:, :width])
+          and int(t_mask.sum()) == int(mask.sum()))
   if not same:
     raise ConfigError(f"{method}: teacher {name!r} ({teacher.name}) tokenizes captions differently "
                       "from the student (--config.data.tokenizer): train the teacher with the "

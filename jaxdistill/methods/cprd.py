@@ -43,6 +43,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxdistill.config import ConfigError
+from jaxdistill.data.benchmark import Benchmark
 from jaxdistill.data.compositional import normalize_images
 from jaxdistill.losses import ranking
 from jaxdistill.losses.contrastive import contrastive_loss
@@ -287,7 +288,7 @@ def teacher_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   return ("teacher",) if config.cprd.distill != "none" and not config.cprd.bank_dir else ()
 
 
-def build(config: ml_collections.ConfigDict, mesh: Mesh, bench, steps_per_epoch: int) -> Recipe:
+def build(config: ml_collections.ConfigDict, mesh: Mesh, data, steps_per_epoch: int) -> Recipe:
   """The CPRD recipe: module "student" with its momentum EMA; frozen = the teacher
   (config.teachers.teacher) and the train images, or offline the similarity bank
   (config.cprd.bank_dir); nothing with cprd.distill=none."""
@@ -295,8 +296,12 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, bench, steps_per_epoch:
   validate(config)
   cp = config.cprd
   student = student_module(config)
-  train = bench.splits["train"]
-  captions_per_image = int(bench.tokens["train"][0].shape[1])
+  if not isinstance(data, Benchmark):
+    raise ConfigError("cprd runs on the bundled benchmark only (--config.data.name=fashion_grid): "
+                      "its cross-encoder input queue addresses the train images in memory by "
+                      "example index, which real datasets do not keep")
+  train = data.splits["train"]
+  captions_per_image = int(data.tokens["train"][0].shape[1])
   image_offset = int(train.image_ids[0])
   if not np.array_equal(train.image_ids, image_offset + np.arange(len(train.image_ids))):
     raise ConfigError("cprd: the train split's image_ids are not consecutive, so queued example "

@@ -74,11 +74,11 @@ def teacher_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   return ()
 
 
-def build(config: ml_collections.ConfigDict, mesh: Mesh, bench, steps_per_epoch: int) -> Recipe:
+def build(config: ml_collections.ConfigDict, mesh: Mesh, data, steps_per_epoch: int) -> Recipe:
   """The dual-encoder ITC recipe: one module "student" (model.kind = dual), no teacher. Its
   towers may be pretrained architectures started by config.init_from and partly frozen by
   config.trainable (e.g. configs/lit_teacher.py)."""
-  del bench, steps_per_epoch
+  del data, steps_per_epoch
   student = student_module(config)
   return Recipe(name="dual", modules={STUDENT: student},
                 loss_fn=make_loss_fn(config, student.model, mesh))

@@ -73,7 +73,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if value not in options:
       raise ConfigError(f"--config.leaner_faster.{key}={value!r} is not valid: use one of "
                         f"{', '.join(options)}")
-  split = config.data.get("train_split", "train")
+  split = config.data.get("train_split", "") or "train"
   if split not in TRAIN_SPLITS:
     raise ConfigError(f"--config.data.train_split={split!r} is not valid: use one of "
                       f"{', '.join(TRAIN_SPLITS)} (unpaired: paper 000's stage-1 pool)")
@@ -162,7 +162,7 @@ def make_loss_fn(config: ml_collections.ConfigDict, model, teacher):
   return loss_fn
 
 
-def build(config: ml_collections.ConfigDict, mesh: Mesh, bench, steps_per_epoch: int) -> Recipe:
+def build(config: ml_collections.ConfigDict, mesh: Mesh, data, steps_per_epoch: int) -> Recipe:
   """One Leaner-and-Faster student stage: module "student"; frozen = the teacher's params."""
   del mesh, steps_per_epoch
   validate(config)
@@ -174,7 +174,7 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, bench, steps_per_epoch:
     if not teacher.is_dual:
       raise ConfigError(f"--config.teachers.teacher ({teacher.name}) has no dual towers: point it "
                         "at a dual-encoder run (configs/teacher.py:dual)")
-    check_teacher_tokenizer("leaner_faster", TEACHER, teacher, bench)
+    check_teacher_tokenizer("leaner_faster", TEACHER, teacher, data)
     mc = config.model
     images = jnp.zeros((1, mc.image_size, mc.image_size, mc.channels), jnp.float32)
     width = teacher.embed_images(teacher.params, images).shape[-1]

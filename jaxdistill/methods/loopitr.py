@@ -241,7 +241,7 @@ def teacher_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   return ("offline",) if config.loopitr.teacher == "offline" else ()
 
 
-def build(config: ml_collections.ConfigDict, mesh: Mesh, bench, steps_per_epoch: int) -> Recipe:
+def build(config: ml_collections.ConfigDict, mesh: Mesh, data, steps_per_epoch: int) -> Recipe:
   """The LoopITR recipe: one module "student" (model.kind = loopitr); with teacher=offline, the
   run named by config.teachers.offline (kind workdir) is read as frozen["offline"]."""
   student = student_module(config)
@@ -260,7 +260,7 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, bench, steps_per_epoch:
   return Recipe(
       name="loopitr",
       modules={STUDENT: student},
-      loss_fn=make_loss_fn(config, student.model, mesh, steps_per_epoch, bench.special_ids, offline),
+      loss_fn=make_loss_fn(config, student.model, mesh, steps_per_epoch, data.special_ids, offline),
       frozen=frozen,
       ema={STUDENT: config.loopitr.momentum} if config.loopitr.teacher == "momentum" else {},
       warmup=((config.loopitr.itc_only_steps, make_itc_loss_fn(config, student.model, mesh))

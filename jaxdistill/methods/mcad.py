@@ -22,7 +22,9 @@ module (and no such params) without mt / mt_fa, no teacher at all for gt alone.
 
 Modules: "student" (config.model) and, with mt / mt_fa, "integration" (config.mcad.integration).
 Frozen: the teachers' params by their config.teachers names, "dual" and "cross". Both teachers
-read the student's token ids: they must share its tokenizer (checked at build).
+read the student's token ids: they must share its tokenizer (checked at build). A cached dual
+teacher (config.teachers.dual.kind = "cache": the features --mode=cache_teacher stored for the
+train split, with the teacher's own tokenizer and image size) is read from the batch instead.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from jaxdistill.methods.base import (STUDENT, Module, Recipe, check_teacher_toke
 from jaxdistill.models.build import towers as towers_of
 from jaxdistill.models.mcad_integration import IntegrationModule
 from jaxdistill.teachers import load_teacher
+from jaxdistill.teachers.cache import FeatureCache
 
 TERMS = ("gt", "clip", "albef", "clip_fa", "mt", "mt_fa")
 # Paper 001 Table 1, row -> mcad.loss (configs/mcad.py runs each with --config.mcad.loss=...).
@@ -118,9 +121,12 @@ def make_loss_fn(config: ml_collections.ConfigDict, student_model, integration_m
     metrics = {"temperature": tau_s}
 
     targets = image_ds = text_ds = None
-    if need_dual:                                                         # eq. 4-5
+    if need_dual and dual.is_cached:                                     # eq. 4-5
+      image_ds, text_ds = batch["dual_image_emb"], batch["dual_text_emb"]
+    elif need_dual:
       image_ds = dual.embed_images(frozen["dual"], images)
       text_ds = dual.embed_texts(frozen["dual"], ids, mask)
+    if need_dual:
       tau_ds = tau_ds_fixed if tau_ds_fixed > 0 else dual.temperature
       targets = mcad.dual_stream_targets(image_ds, text_ds, tau_ds, k if need_cross else None)
     cls_i2t = cls_t2i = None
@@ -164,18 +170,20 @@ def make_loss_fn(config: ml_collections.ConfigDict, student_model, integration_m
   return loss_fn
 
 
-def build(config: ml_collections.ConfigDict, mesh: Mesh, bench, steps_per_epoch: int) -> Recipe:
+def build(config: ml_collections.ConfigDict, mesh: Mesh, data, steps_per_epoch: int) -> Recipe:
   """The MCAD recipe: "student" (+ "integration" with mt / mt_fa); frozen = the dual and cross
-  teachers' params (config.teachers.dual / .cross), as far as the terms read them."""
+  teachers' params (config.teachers.dual / .cross), as far as the terms read them; a cached dual
+  teacher (kind cache: --mode=cache_teacher's features of the train split) comes in the batch."""
   del mesh, steps_per_epoch
   validate(config)
   names = teacher_names(config)
   student = student_module(config)
   loaded = {name: load_teacher(config.teachers[name]) for name in names}
   dual, cross = loaded.get("dual"), loaded.get("cross")
-  if dual is not None and not dual.is_dual:
+  if dual is not None and not (dual.is_dual or dual.is_cached):
     raise ConfigError(f"--config.teachers.dual ({dual.name}) has no dual towers: point it at a "
-                      "dual-encoder or LoopITR run, or a CLIP checkpoint")
+                      "dual-encoder or LoopITR run, a CLIP checkpoint, or its teacher cache "
+                      "(kind cache)")
   if dual is not None and dual.temperature is None and config.mcad.teacher_temperature <= 0:
     raise ConfigError(f"the dual teacher {dual.name} does not say its temperature: set "
                       "--config.mcad.teacher_temperature (tau^DS of eq. 4, e.g. 0.01 for CLIP)")
@@ -183,10 +191,13 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, bench, steps_per_epoch:
     raise ConfigError(f"--config.teachers.cross ({cross.name}) gives no single-stream pair "
                       "outputs (match probability + fused [CLS]): point it at a LoopITR run")
   for name, teacher in loaded.items():
-    check_teacher_tokenizer("mcad", name, teacher, bench)
+    check_teacher_tokenizer("mcad", name, teacher, data)
   mc = config.model
   images = jnp.zeros((1, mc.image_size, mc.image_size, mc.channels), jnp.float32)
-  dual_dim = dual.embed_images(dual.params, images).shape[-1] if dual is not None else None
+  if dual is not None and dual.is_cached:
+    dual_dim = FeatureCache(dual.features).image_emb.shape[-1]
+  else:
+    dual_dim = dual.embed_images(dual.params, images).shape[-1] if dual is not None else None
   if "clip_fa" in terms(config) and dual_dim != mc.embed_dim:
     raise ConfigError(f"mcad.loss clip_fa (eq. 17) takes dot products of the student's features "
                       f"with the dual teacher's: --config.model.embed_dim={mc.embed_dim} must "
@@ -202,5 +213,6 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, bench, steps_per_epoch:
       name="mcad",
       modules=modules,
       loss_fn=make_loss_fn(config, student.model, integration and integration.model, dual, cross),
-      frozen={name: t.params for name, t in loaded.items()},
+      frozen={name: t.params for name, t in loaded.items() if not t.is_cached},
+      batch_features={name: t.features for name, t in loaded.items() if t.is_cached},
   )

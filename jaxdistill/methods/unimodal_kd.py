@@ -106,10 +106,10 @@ def make_loss_fn(config: ml_collections.ConfigDict, model: nn.Module, teacher, m
   return loss_fn
 
 
-def build(config: ml_collections.ConfigDict, mesh: Mesh, bench, steps_per_epoch: int) -> Recipe:
+def build(config: ml_collections.ConfigDict, mesh: Mesh, data, steps_per_epoch: int) -> Recipe:
   """Modules "student" (the dual encoder with its shared layer) and, with KD, "kd_head" (f_p:
   Dense to the teacher's width); frozen {"ssl": teacher params}; carry {"bank"}."""
-  del bench, steps_per_epoch
+  del data, steps_per_epoch
   u = config.unimodal_kd
   student = student_module(config)
   modules, frozen, head, teacher, init_extra = {STUDENT: student}, {}, None, None, None

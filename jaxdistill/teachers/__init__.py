@@ -16,6 +16,7 @@ __all__ = ["Teacher", "MultiTeacher", "load_teacher", "KINDS"]
 KINDS = {
     "workdir": "jaxdistill.teachers.workdir:from_workdir",
     "pretrained": "jaxdistill.teachers.pretrained:from_checkpoint",
+    "cache": "jaxdistill.teachers.cache:from_cache",
 }
 
 

@@ -15,6 +15,9 @@ gradient for its params, whatever the caller passes (tests/test_teachers.py chec
   temperature: the dual towers' ITC temperature tau (a float), or None when unknown
   tokenize(texts: list[str]) -> (ids int32 [N,L], mask int32 [N,L]) in the teacher's own
     vocabulary, or None when the teacher reads the student's token ids.
+  features: for a cached teacher (kind "cache", teachers/cache.py from_cache) the cache
+    directory; its embeddings are not computed but read from batch fields <name>_image_emb,
+    <name>_text_emb, <name>_valid, which the trainer adds (Recipe.batch_features).
 """
 
 from __future__ import annotations
@@ -43,10 +46,15 @@ class Teacher:
   tokenize: Callable[[list[str]], tuple[np.ndarray, np.ndarray]] | None = None
   pair_outputs: Callable | None = None
   temperature: float | None = None
+  features: str | None = None   # a teacher cache directory: embeddings come in the batch instead
 
   @property
   def is_dual(self) -> bool:
     return self.embed_images is not None and self.embed_texts is not None
+
+  @property
+  def is_cached(self) -> bool:
+    return self.features is not None
 
   @property
   def is_cross(self) -> bool:

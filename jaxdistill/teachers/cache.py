@@ -34,8 +34,10 @@ from jax.sharding import Mesh
 
 from jaxdistill.atomic import write_json_atomic
 from jaxdistill.config import sharding_rules
-from jaxdistill.data.benchmark import prepare_benchmark
-from jaxdistill.data.pipeline import eval_arrays
+from jaxdistill.data.benchmark import Benchmark
+from jaxdistill.data.datasets import prepare_data
+from jaxdistill.data.eval_split import captions_matrix, image_failures
+from jaxdistill.data.real.image_ops import PREPROCESSOR_FILE, ImageSpec
 from jaxdistill.errors import JaxDistillError
 from jaxdistill.parallel.mesh import batch_sharding, make_mesh
 from jaxdistill.parallel.sharding import tree_shardings
@@ -148,7 +150,9 @@ def cache_split(dual: Teacher, cross: Teacher | None, *, images: np.ndarray,
                 log: Callable[[str], None] = print) -> str:
   """Writes (or resumes, or keeps, if finished) the cache of one split at `out_dir`.
 
-  images float32 [N,H,W,C] (normalised as the student sees them); captions: N lists of C
+  images float32 [N,H,W,C] (normalised as the teacher reads them): an array or an array-like
+  decoding the rows it is sliced for (data/real/dataset.py LazyImages; rows whose image cannot
+  be read are marked invalid, data/eval_split.py image_failures); captions: N lists of C
   strings; image_ids int [N] unique; student_tokens (ids, mask) int32 [N,C,L], used for a
   teacher without its own tokenizer. bank: the cross-bank directions to build (with a cross
   teacher). `mesh`: inputs are batch-sharded on it when batch_size divides by its size.
@@ -237,7 +241,9 @@ def cache_split(dual: Teacher, cross: Teacher | None, *, images: np.ndarray,
     txt = np.concatenate([np.asarray(embed_t(_padded(flat_ids[r:r + batch_size], batch_size),
                                              _padded(flat_mask[r:r + batch_size], batch_size)))
                           for r in range(s * c, t * c, batch_size)])[:(t - s) * c].reshape(t - s, c, -1)
-    ok = np.isfinite(img).all(-1) & np.isfinite(txt).all((-2, -1))
+    failed = image_failures(images)
+    ok = (np.isfinite(img).all(-1) & np.isfinite(txt).all((-2, -1))
+          & ~np.isin(np.arange(s, t), list(failed)))
     state["invalid"] += int((~ok).sum())
     arrays["image_emb"][s:t] = np.where(ok[:, None], img, 0.0)
     arrays["text_emb"][s:t] = np.where(ok[:, None, None], txt, 0.0)
@@ -275,7 +281,7 @@ def cache_split(dual: Teacher, cross: Teacher | None, *, images: np.ndarray,
     offset += -(-rows // batch_size)
 
   meta = dict(fingerprint, split=os.path.basename(os.path.normpath(out_dir)), arrays=sorted(specs),
-              invalid_rows=state["invalid"])
+              invalid_rows=state["invalid"], temperature=dual.temperature)
   write_json_atomic(os.path.join(partial, "meta.json"), meta)
   os.remove(progress_path)
   os.replace(partial, out_dir)
@@ -302,17 +308,63 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
   else:
     teacher = place(teacher, tc.teacher)
   dual, cross = _roles(teacher)
-  bench = prepare_benchmark(config, workdir)
+  data = prepare_data(config, workdir)
+  spec = config.teachers[tc.teacher]
   cache_dir = tc.dir or os.path.join(workdir, "teacher_cache")
   os.makedirs(cache_dir, exist_ok=True)
   written = {}
   for split in [s.strip() for s in tc.splits.split(",") if s.strip()]:
-    if split not in bench.splits:
-      raise CacheError(f"--config.teacher_cache.splits names {split!r}: use "
-                       f"{', '.join(bench.splits)}")
-    data = bench.splits[split]
+    if isinstance(data, Benchmark):
+      if split not in data.splits:
+        raise CacheError(f"--config.teacher_cache.splits names {split!r}: use "
+                         f"{', '.join(data.splits)}")
+      ev = data.eval_split(split)
+    else:   # real images at the teacher's own resolution and normalisation when it says them
+      ev = data.eval_split(split, image=_teacher_image_spec(spec, data.image))
+    per_image = max(len(c) for c in ev.captions)
+    captions = [tuple(c) + ("",) * (per_image - len(c)) for c in ev.captions]
     written[split] = cache_split(
-        dual, cross, images=eval_arrays(data, *bench.tokens[split])["image"],
-        captions=data.captions, image_ids=data.image_ids, out_dir=os.path.join(cache_dir, split),
-        batch_size=tc.batch_size, top_n=tc.top_n, student_tokens=bench.tokens[split], mesh=mesh)
+        dual, cross, images=ev.images, captions=captions, image_ids=ev.image_ids,
+        out_dir=os.path.join(cache_dir, split), batch_size=tc.batch_size, top_n=tc.top_n,
+        student_tokens=captions_matrix(ev, per_image), mesh=mesh)
   return written
+
+
+def _teacher_image_spec(spec, default: ImageSpec) -> ImageSpec:
+  """A pretrained teacher's preprocessor_config.json ImageSpec, else `default` (the data's)."""
+  path = spec.path if os.path.isdir(spec.path) else os.path.dirname(spec.path)
+  if spec.kind == "pretrained" and os.path.isfile(os.path.join(path, PREPROCESSOR_FILE)):
+    return ImageSpec.from_preprocessor_config(path)
+  return default
+
+
+def add_cached_features(batch: dict, caches: dict[str, "FeatureCache"]) -> dict:
+  """The batch with, for each {name: cache}, the cached teacher features of its examples:
+  <name>_image_emb float32 [b, E], <name>_text_emb float32 [b, E] (the caption the batch holds,
+  by caption_index), <name>_valid int32 [b] (0: the teacher's output was not finite or its image
+  unreadable). Looked up on the host by image_id, so a resumed run gets the same features."""
+  if not caches:
+    return batch
+  batch = dict(batch)
+  for name, cache in caches.items():
+    rows = cache.rows(batch["image_id"])
+    slot = np.asarray(batch["caption_index"], np.int64)
+    batch[f"{name}_image_emb"] = np.asarray(cache.image_emb[rows], np.float32)
+    batch[f"{name}_text_emb"] = np.asarray(cache.text_emb[rows, slot], np.float32)
+    batch[f"{name}_valid"] = np.asarray(cache.valid[rows], np.int32)
+  return batch
+
+
+def from_cache(path: str, dtype: str = "float32") -> Teacher:
+  """A dual teacher whose embeddings were cached by --mode=cache_teacher (`path`: a finished
+  `<cache_dir>/<split>`, the split the run trains on): no params and no apply functions; the
+  trainer adds its features to every batch (add_cached_features, Teacher.features) and the
+  recipe reads them there. temperature: the cached teacher's, when it said one."""
+  del dtype   # the features are stored in float32
+  try:
+    cache = FeatureCache(path)
+  except CacheError as e:
+    raise CacheError(f"teacher kind cache: {e}") from None
+  return Teacher(name=f"cache:{cache.meta.get('dual')}", params={}, embed_images=None,
+                 embed_texts=None, match_scores=None, temperature=cache.meta.get("temperature"),
+                 features=path)

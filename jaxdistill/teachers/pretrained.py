@@ -46,7 +46,9 @@ def from_checkpoint(path: str, dtype: str = "float32", max_len: int = MAX_LEN) -
   tokenize = None
   if os.path.exists(tokenizer_file):
     tokenizer = tokenizers.Tokenizer.from_file(tokenizer_file)
-    tokenize = lambda texts: encode_padded(tokenizer, texts, max_len)
+    positions = config.get("text_config", config).get("max_position_embeddings", max_len)
+    length = min(max_len, positions)   # CLIP: 77 positions
+    tokenize = lambda texts: encode_padded(tokenizer, texts, length)
   if isinstance(module, clip.CLIP):
     return make_teacher(name, params,
                         embed_images=lambda p, x: clip.embed_images(module, p, x),

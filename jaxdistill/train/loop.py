@@ -1,7 +1,7 @@
 """The trainer, top to bottom: mesh -> input -> recipe -> shardings -> state (resume >
 init_from > random) -> step -> loop (log, checkpoint, preemption) -> evaluation.
 
-Knows no method: `train_and_evaluate` gets a `build_recipe(config, mesh, bench, steps_per_epoch) -> Recipe`
+Knows no method: `train_and_evaluate` gets a `build_recipe(config, mesh, data, steps_per_epoch) -> Recipe`
 (methods/ hands its registry in). Everything else it reads from the config, as data:
 config.trainable (optimiser rules), config.sharding (partition rules), config.init_from.
 """
@@ -20,8 +20,10 @@ import ml_collections
 from jaxdistill.atomic import write_json_atomic
 from jaxdistill.config import sharding_rules
 from jaxdistill.data import pipeline
-from jaxdistill.data.benchmark import prepare_benchmark
+from jaxdistill.data.benchmark import Benchmark
+from jaxdistill.data.datasets import prepare_data, train_split_name
 from jaxdistill.data.negatives import training_negatives
+from jaxdistill.data.real.dataset import RealData, fill_model_inputs
 from jaxdistill.evaluate.plots import write_plots
 from jaxdistill.evaluate.run import evaluate_and_report, write_eval_results
 from jaxdistill.models.build import towers
@@ -30,8 +32,9 @@ from jaxdistill.parallel.mesh import make_mesh, replicated
 from jaxdistill.progress import Progress
 from jaxdistill.store.checkpoint import Checkpointer, abstract_like
 from jaxdistill.store.run import STUDENT, load_run
+from jaxdistill.teachers.cache import FeatureCache, add_cached_features
 from jaxdistill.train.init import apply_init_from
-from jaxdistill.train.metrics import MetricsWriter
+from jaxdistill.train.metrics import MetricsWriter, SkipCounter
 from jaxdistill.train.optim import make_optimizer, trainable_mask
 from jaxdistill.train.state import create_train_state
 from jaxdistill.train.step import make_train_step
@@ -107,30 +110,35 @@ def restore_or_init(built: dict, checkpointer: Checkpointer) -> tuple[Any, dict 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        build_recipe: Callable) -> dict | None:
-  """Trains the recipe `build_recipe(config, mesh, bench, steps_per_epoch)` in `workdir` (resuming from its latest
+  """Trains the recipe `build_recipe(config, mesh, data, steps_per_epoch)` in `workdir` (resuming from its latest
   checkpoint) and evaluates its student. Returns the evaluation results, or None when stopped
   early by SIGTERM (after saving)."""
   os.makedirs(workdir, exist_ok=True)
   # --- mesh ---
   mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
   # --- input ---
-  bench = prepare_benchmark(config, workdir)
+  data = prepare_data(config, workdir)
   with config.unlocked():
-    config.model.vocab_size = bench.vocab_size
-  split_name = config.data.get("train_split", "train")   # "unpaired": paper 000's stage-1 pool
-  train_split = bench.splits[split_name]
-  steps_per_epoch = max(len(train_split.image_ids) // config.batch_size, 1)
-  dataset = pipeline.train_dataset(
-      train_split, *bench.tokens[split_name], global_batch_size=config.batch_size,
-      group_size=config.data.group_size, seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      negatives=training_negatives(config, train_split.image_ids, bench.tokens[split_name][0].shape[1]))
-  data_iter = iter(dataset)
+    config.model.vocab_size = data.vocab_size
+    if isinstance(data, RealData):
+      fill_model_inputs(config, data.image)
+  split_name = train_split_name(config)   # "unpaired": paper 000's stage-1 pool
+  steps_per_epoch = max(data.num_train(split_name) // config.batch_size, 1)
+  negatives = None
+  if isinstance(data, Benchmark):
+    negatives = training_negatives(config, data.splits[split_name].image_ids,
+                                   data.tokens[split_name][0].shape[1])
+  data_iter = iter(data.train_dataset(config, split_name, process_index=jax.process_index(),
+                                      process_count=jax.process_count(), negatives=negatives))
+  skipped = SkipCounter()
   # --- recipe ---
-  recipe = build_recipe(config, mesh, bench, steps_per_epoch)
+  recipe = build_recipe(config, mesh, data, steps_per_epoch)
+  features = {name: FeatureCache(path) for name, path in recipe.batch_features.items()}
+  next_batch = lambda: add_cached_features(skipped.take(next(data_iter)), features)
   # --- shardings, state (resume > init_from > random) ---
   first = data_iter.get_state()
-  batch_spec = pipeline.global_batch_spec(next(data_iter))
+  batch_spec = pipeline.global_batch_spec(next_batch())
+  skipped.reset()
   data_iter.set_state(first)
   built = build_state(recipe, config, mesh, batch_spec)
   shardings = built["shardings"]
@@ -139,6 +147,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   state, meta = restore_or_init(built, checkpointer)
   if meta is not None:
     data_iter.set_state(meta["data_iterator"])
+    skipped.restore(meta.get("skipped", {}))
   start = int(state.step)
   write_json_atomic(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
   # --- step ---
@@ -156,23 +165,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   t_loop = time.time()
   try:
     for step in range(start + 1, config.train.num_steps + 1):
-      batch = pipeline.to_global_batch(next(data_iter), shardings["batch"])
+      batch = pipeline.to_global_batch(next_batch(), shardings["batch"])
       step_fn = warmup_step if step <= warmup_steps else train_step   # state.step = step - 1
       state, metrics = step_fn(state, batch, frozen)
       if step % config.train.log_every == 0 or step == config.train.num_steps:
         scalars = jax.device_get(metrics)
-        writer.write(step, scalars)
-        progress.log(step, {k: scalars[k] for k in LOGGED if k in scalars})
+        writer.write(step, {**scalars, **skipped.metrics()})
+        progress.log(step, {**{k: scalars[k] for k in LOGGED if k in scalars},
+                            **skipped.metrics(nonzero=True)})
       if step % config.train.checkpoint_every == 0 or step == config.train.num_steps \
           or preemption.requested:
-        checkpointer.save(step, state, {"data_iterator": data_iter.get_state(), "step": step},
+        checkpointer.save(step, state, {"data_iterator": data_iter.get_state(), "step": step,
+                                        "skipped": skipped.totals},
                           wait=preemption.requested)
       if preemption.requested:
         print(f"SIGTERM: saved step {step} to {checkpointer.directory}; exiting", flush=True)
         return None
       if config.train.eval_every and step % config.train.eval_every == 0 \
           and step != config.train.num_steps:
-        results = evaluate_and_report(student, state.params[STUDENT], bench, config, split="val")
+        results = evaluate_and_report(student, state.params[STUDENT], data.eval_split("val"),
+                                      config)
         writer.write(step, {f"val/{k}": v for k, v in results["dual"].items()})
     checkpointer.wait()
     train_seconds = time.time() - t_loop
@@ -181,9 +193,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     writer.close()
     checkpointer.close()
   # --- evaluation ---
-  results = evaluate_and_report(student, state.params[STUDENT], bench, config,
-                                split=config.eval.split)
+  results = evaluate_and_report(student, state.params[STUDENT], data.eval_split(config.eval.split),
+                                config)
   results["train_seconds_this_run"] = train_seconds
+  results["train_items_skipped"] = skipped.totals
   results["step"] = int(state.step)
   write_eval_results(workdir, "eval.json", results, config, results["step"])
   _write_plots(workdir)
@@ -196,9 +209,9 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
   eval_<split>.json for another (model selection on val keeps the test result beside it), each
   with its CLIP_benchmark-format clip_benchmark[_<split>].json (evaluate/run.py)."""
   run = load_run(workdir)
-  bench = prepare_benchmark(config, workdir)
+  data = prepare_data(config, workdir)
   split = config.eval.split
-  results = evaluate_and_report(run.towers, run.params, bench, config, split=split)
+  results = evaluate_and_report(run.towers, run.params, data.eval_split(split), config)
   results["step"] = run.step
   name = "eval.json" if split == "test" else f"eval_{split}.json"
   write_eval_results(workdir, name, results, config, run.step)

@@ -27,3 +27,31 @@ class MetricsWriter:
   def close(self) -> None:
     self._jsonl.close()
     self._tb.close()
+
+
+class SkipCounter:
+  """Running totals of the training items the input pipeline skipped (missing or corrupt images,
+  captionless items: data/real/pipeline.py's batch["stats"]), this process's, kept in the
+  checkpoint metadata so a resumed run goes on counting."""
+
+  def __init__(self):
+    self.totals: dict[str, int] = {}
+
+  def take(self, batch: dict) -> dict:
+    """The batch without its "stats" entry, whose counts are added to the totals."""
+    if "stats" not in batch:
+      return batch
+    batch = dict(batch)
+    for reason, count in batch.pop("stats").items():
+      self.totals[reason] = self.totals.get(reason, 0) + int(count)
+    return batch
+
+  def reset(self) -> None:
+    self.totals = {}
+
+  def restore(self, totals: dict) -> None:
+    self.totals = {k: int(v) for k, v in totals.items()}
+
+  def metrics(self, nonzero: bool = False) -> dict[str, int]:
+    """{"skipped_<reason>": total} (nonzero: only reasons that occurred)."""
+    return {f"skipped_{k}": v for k, v in self.totals.items() if v or not nonzero}
