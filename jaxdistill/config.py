@@ -146,6 +146,7 @@ def base_config(preset: str = "cpu") -> ml_collections.ConfigDict:
   e.rerank_k = 16                # paper 003 Table 13: re-rank the dual encoder's top-k
   e.pair_batch_size = 256 if tiny else 1024
   e.block_elements = 1 << 22     # scores per query block of the metrics (bounds eval memory)
+  e.ann = False                  # also rank with ScaNN indexes (evaluate/ann.py): "dual (scann)"
 
   x = c.export = ml_collections.ConfigDict()   # --mode=export: TFLite towers (export/)
   x.quantization = "none"        # none | float16 | int8 (dynamic range: int8 weights, float math)

@@ -340,3 +340,59 @@ def test_evaluate_and_report_on_towers(tmp_path):
   for key in want:
     assert rerank[key] == pytest.approx(results["dual"][key], abs=1e-9), key
   assert rerank["binding"] == pytest.approx(results["dual"]["binding"], abs=1e-9)
+
+
+def test_evaluate_and_report_with_scann_and_folds(tmp_path):
+  """config.eval.ann adds the ScaNN row (equal to exact search on a gallery this small) and its
+  gap; an EvalSplit with folds reports their mean; unreadable images leave the protocol."""
+  import dataclasses
+  import jax
+  from conftest import recipe_config
+  from jaxdistill.data.benchmark import prepare_benchmark
+  from jaxdistill.evaluate.run import evaluate_and_report
+  from jaxdistill.models.build import build_model, init_params, towers
+  config = recipe_config("dual")
+  bench = prepare_benchmark(config, str(tmp_path))
+  config.model.vocab_size = bench.vocab_size
+  model = build_model(config.model)
+  params = init_params(model, config.model, jax.random.PRNGKey(0))
+  dual = towers(model)
+  split = bench.eval_split("test")
+  config.eval.ann = True
+  results = evaluate_and_report(dual, params, split, config, verbose=False)
+  for key, value in results["dual"].items():
+    if key in results["dual (scann)"]:
+      assert results["dual (scann)"][key] == pytest.approx(value, abs=1e-9), key
+  assert set(results["scann"]["gap"].values()) == {0.0}
+  config.eval.ann = False
+
+  class Unreadable:   # rows 0 and 5 cannot be read: zeros, listed in `failures`
+    def __init__(self, images):
+      self.images, self.shape, self.failures = images, images.shape, {}
+    def __getitem__(self, index):
+      rows = np.arange(len(self.images))[index]
+      for r in np.atleast_1d(rows):
+        if r in (0, 5):
+          self.failures[int(r)] = "corrupt"
+      return self.images[index]
+  halves = [np.arange(0, 32), np.arange(32, 64)]
+  lazy = dataclasses.replace(split, images=Unreadable(split.images), folds={"half": halves})
+  got = evaluate_and_report(dual, params, lazy, config, verbose=False)
+  assert got["num_images"] == 62 and got["num_captions"] == 62 * 5
+  assert got["skipped"] == {"corrupt": 2}
+  keep = np.setdiff1d(np.arange(64), [0, 5])
+  img = np.asarray(dual.embed_image(params, split.images[keep])[0])
+  rows = np.flatnonzero(np.isin(split.caption_to_image, keep))
+  txt = np.asarray(dual.embed_text(params, split.text_ids[rows], split.text_mask[rows])[0])
+  owner = np.searchsorted(keep, split.caption_to_image[rows])
+  want = recall_at_k(similarity_matrix(img, txt), owner)
+  for key, value in want.items():
+    assert got["dual"][key] == pytest.approx(value, abs=1e-6), key
+  per_half = []
+  for half in halves:
+    kept = np.flatnonzero(np.isin(keep, half))
+    caps = np.flatnonzero(np.isin(owner, kept))
+    per_half.append(recall_at_k(similarity_matrix(img[kept], txt[caps]),
+                                np.searchsorted(kept, owner[caps])))
+  for key in want:
+    assert got["dual_half"][key] == pytest.approx(np.mean([h[key] for h in per_half]), abs=1e-6)

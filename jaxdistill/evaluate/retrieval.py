@@ -111,7 +111,7 @@ def embed_in_batches(fn: Callable[[dict], Any], arrays: dict[str, Any], batch_si
   # An array-like with a shape (e.g. data/real/dataset.py LazyImages) is sliced, not copied.
   host = {name: a if hasattr(a, "shape") and hasattr(a, "__getitem__") else np.asarray(a)
           for name, a in arrays.items()}
-  sizes = {name: a.shape[0] if a.ndim else None for name, a in host.items()}
+  sizes = {name: a.shape[0] if len(a.shape) else None for name, a in host.items()}
   if len(set(sizes.values())) != 1 or None in sizes.values():
     raise ValueError(f"embed_in_batches needs arrays with one shared leading size; got {sizes}")
   num = next(iter(sizes.values()))

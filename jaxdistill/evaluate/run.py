@@ -29,8 +29,10 @@ from jaxdistill.models.build import Towers
 def evaluate_and_report(towers: Towers, params, split: EvalSplit, config: ml_collections.ConfigDict,
                         verbose: bool = True) -> dict:
   """Returns {"dual": metrics, "dual+rerank@k": metrics (with a cross encoder), "split",
-  "dataset", "num_images", "num_captions", "skipped", and "dual_<fold>" (the mean over a
-  fold protocol's folds, e.g. COCO's five 1K test folds as "dual_1k")}; prints the table.
+  "dataset", "num_images", "num_captions", "skipped", "dual_<fold>" (the mean over a fold
+  protocol's folds, e.g. COCO's five 1K test folds as "dual_1k"), and with config.eval.ann
+  "dual (scann)" (the recalls from ScaNN top-K lists, for galleries too large for exact search)
+  with "scann" (its gap to exact search, neighbour recall@10, ms per query)}; prints the table.
 
   Images that could not be read (data/eval_split.py image_failures) and their captions are left
   out of the protocol and counted under "skipped". dual "query_ms": embedding both sides and
@@ -62,6 +64,12 @@ def evaluate_and_report(towers: Towers, params, split: EvalSplit, config: ml_col
     skipped[reason] = skipped.get(reason, 0) + 1
   results = {"split": split.name, "dataset": split.dataset, "num_images": int(sim.shape[0]),
              "num_captions": int(sim.shape[1]), "skipped": skipped, "dual": dual}
+  if ev.get("ann", False):   # the same queries through ScaNN indexes (evaluate/ann.py)
+    from jaxdistill.evaluate.ann import ann_recall   # imports ScaNN: only when asked
+    ann = ann_recall(img_emb, txt_emb, c2i)
+    results["dual (scann)"] = ann["ann"]
+    results["scann"] = {k: ann[k] for k in ("gap", "neighbor_recall@10", "ms_per_query",
+                                            "index_params")}
   for fold_name, folds in split.folds.items():
     per_fold = []
     for rows in folds:
@@ -75,7 +83,7 @@ def evaluate_and_report(towers: Towers, params, split: EvalSplit, config: ml_col
                                     for k in per_fold[0]}
 
   if split.probe is not None:
-    true_ids, true_mask, false_ids, false_mask = split.probe
+    true_ids, true_mask, false_ids, false_mask = (a[keep_images] for a in split.probe)
     true_emb, true_tok = texts(true_ids, true_mask)
     false_emb, false_tok = texts(false_ids, false_mask)
     dual["binding"] = binding_accuracy(np.sum(img_emb * true_emb, -1),

@@ -69,6 +69,10 @@ def restore_student(config: ml_collections.ConfigDict, workdir: str
     reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
     raise ExportError(f"the checkpoint in {checkpoints} is unreadable ({reason}): re-train or "
                       "point --workdir at a complete run") from e
+  if run.config.data.get("name", "fashion_grid") != "fashion_grid":
+    raise ExportError(f"--workdir={workdir} was trained on {run.config.data.name}: --mode=export "
+                      "checks parity and calibrates on the bundled benchmark's images and "
+                      "normalisation, so it exports benchmark runs only for now")
   run_config = ml_collections.ConfigDict(run.config.to_dict())
   run_config.export, run_config.eval = config.export, config.eval
   bench = prepare_benchmark(run_config, workdir)   # reads the run's tokenizer, writes nothing

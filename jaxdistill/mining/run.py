@@ -66,6 +66,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   os.makedirs(out, exist_ok=True)
   mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
   tower_config, params, step = tower.config, tower.params, tower.step
+  if tower_config.data.get("name", "fashion_grid") != "fashion_grid":
+    raise MiningError(f"--config.mining.tower_workdir={mi.tower_workdir!r} was trained on "
+                      f"{tower_config.data.name}: --mode=mine builds hard-negative banks for the "
+                      "bundled benchmark only (its pipeline joins banked images from memory); "
+                      "train real-data runs without mined negatives")
   bench = prepare_benchmark(tower_config, mi.tower_workdir)   # the tower's own tokenizer
   split = bench.splits[mi.split]
   ids, mask = bench.tokens[mi.split]
