@@ -18,7 +18,6 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from tests.real_data_fixtures import caption, jpeg_bytes
 
@@ -151,3 +150,35 @@ def test_clip_teacher_cache_distill_and_karpathy_eval(tmp_path):
   for key, value in want.items():
     assert results["dual"][key] == pytest.approx(value, abs=1e-6), key
   assert results["dual"]["rsum"] == pytest.approx(sum(want.values()), abs=1e-4)
+
+
+@pytest.mark.parametrize("arg", ["dual", "loopitr", "mcad", "dual,flickr30k"])
+def test_coco_presets_validate(arg):
+  """configs/coco.py's paper-scale presets load and pass the config checks (paths are the user's)."""
+  import jax
+  from conftest import recipe_config
+  from jaxdistill import methods
+  from jaxdistill.config import validate
+  config = recipe_config("coco", arg)
+  assert config.data.name == (arg.split(",")[-1] if "," in arg else "coco")
+  validate(config, jax.device_count(), "train")
+  assert config.model.image_size == 224 and config.model.image_pool == "cls"
+  if arg == "mcad":
+    assert config.teachers.dual.kind == "cache" and config.mcad.loss == "gt+clip"
+    assert config.model.image_tower == "efficientnet_lite0"
+  del methods
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("recipe", ["dual", "loopitr"])
+def test_coco_tiny_presets_train_on_the_fixture(tmp_path, recipe):
+  """configs/coco.py:<recipe>,tiny trains and evaluates on the Karpathy fixture from the CLI."""
+  karpathy_json, image_root = write_fixture(tmp_path)
+  workdir = tmp_path / "run"
+  run_main(f"--config=configs/coco.py:{recipe},tiny", f"--workdir={workdir}",
+           f"--config.data.karpathy_json={karpathy_json}", f"--config.data.image_root={image_root}",
+           "--config.data.image_size=32", "--config.data.image_resize=36",
+           "--config.train.num_steps=2", "--config.batch_size=8", "--config.data.num_threads=2")
+  results = json.loads((workdir / "eval.json").read_text())
+  assert results["step"] == 2 and results["num_images"] == 10
+  assert 0 <= results["dual"]["rsum"] <= 600
