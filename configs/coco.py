@@ -31,9 +31,9 @@ Argument: RECIPE[,DATASET][,tiny]
   python -m jaxdistill.main --config=configs/coco.py:unimodal_kd,image=BEIT_DIR,text=BERT_DIR \
       --workdir=runs/coco_ukd
 
-CPRD and Leaner-and-Faster run on the bundled benchmark only for now (CPRD's cross-encoder input
-queue keeps the train images in memory; stage 1 reads an unpaired pool the real loaders do not
-yet feed the trainer): README "Your own data".
+CPRD runs on the bundled benchmark only for now (its cross-encoder input queue keeps the train
+images in memory), and so do mined hard negatives; Leaner-and-Faster's stage 1 reads real
+unpaired corpora (data.unpaired_images / unpaired_texts): README "Your own data".
 """
 
 import os

@@ -113,6 +113,8 @@ def base_config(preset: str = "cpu") -> ml_collections.ConfigDict:
   d.tfds_name = "coco_captions"  # tfds: the builder, prepared as ArrayRecord under tfds_dir
   d.tfds_dir = ""                # "" = ~/tensorflow_datasets
   d.shards = ml_collections.ConfigDict(dict(train="", val="", test=""))   # webdataset patterns
+  d.unpaired_images = ""         # train_split=unpaired (paper 000 stage 1): image folder | shards
+  d.unpaired_texts = ""          # ... and a text file (one caption per line) | shards
   d.max_captions = 5             # captions kept per image (the 5-per-image Karpathy protocol)
   d.image_size = 224             # side the student sees (train crop and eval centre crop)
   d.image_resize = 224           # eval: shorter side before the centre crop (0: straight resize)

@@ -122,3 +122,35 @@ def test_user_errors(tmp_path):
   with pytest.raises(DataError, match="bundled benchmark"):
     data.train_dataset(data.config, "train", process_index=0, process_count=1, negatives=object())
   assert not os.path.exists(tmp_path / "tokenizer.json")   # workdir None: nothing written
+
+
+def test_unpaired_images_and_texts_zipped_with_state(tmp_path):
+  """train_split=unpaired: a folder of images and a text file read apart, one batch of each
+  zipped; the zipped iterator's state restores both streams."""
+  from PIL import Image
+  folder = tmp_path / "images"
+  folder.mkdir()
+  for i in range(6):
+    Image.new("RGB", (30 + i, 28), (40 * i, 10, 200)).save(folder / f"{i}.jpg")
+  (folder / "broken.jpg").write_bytes(b"nope")
+  texts = tmp_path / "captions.txt"
+  texts.write_text("\n".join([f"caption number {i}" for i in range(9)] + [""]))
+  json_path, image_root = write_karpathy(tmp_path / "k")
+  config = _config("coco", karpathy_json=str(json_path), image_root=str(image_root),
+                   unpaired_images=str(folder), unpaired_texts=str(texts), train_split="unpaired")
+  data = RealData(config, None)
+  assert data.num_train("unpaired") == 7
+  it = iter(data.train_dataset(config, "unpaired", process_index=0, process_count=1))
+  first = next(it)
+  state = it.get_state()
+  assert set(state) == {"image", "text"}
+  second, third = next(it), next(it)
+  assert first["image"].shape == (4, 24, 24, 3) and first["text_ids"].shape[0] == 4
+  assert sum(s["stats"]["corrupt"] for s in (first, second, third)) >= 1
+  it.set_state(state)
+  again = next(it)
+  for key in ("image", "text_ids", "image_id", "caption_index"):
+    np.testing.assert_array_equal(again[key], second[key])
+  config.data.unpaired_texts = ""
+  with pytest.raises(DataError, match="unpaired_texts"):
+    data.train_dataset(config, "unpaired", process_index=0, process_count=1)

@@ -77,9 +77,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if split not in TRAIN_SPLITS:
     raise ConfigError(f"--config.data.train_split={split!r} is not valid: use one of "
                       f"{', '.join(TRAIN_SPLITS)} (unpaired: paper 000's stage-1 pool)")
-  if split == "unpaired" and config.data.get("num_unpaired", 0) <= 0:
+  bundled = config.data.get("name", "fashion_grid") == "fashion_grid"
+  if split == "unpaired" and bundled and config.data.get("num_unpaired", 0) <= 0:
     raise ConfigError("--config.data.train_split='unpaired' needs --config.data.num_unpaired > 0 "
                       "(the size of the unpaired pool, data/unpaired.py)")
+  if split == "unpaired" and not bundled and not (config.data.unpaired_images
+                                                  and config.data.unpaired_texts):
+    raise ConfigError("--config.data.train_split='unpaired' on real data needs "
+                      "--config.data.unpaired_images (an image folder or shards) and "
+                      "--config.data.unpaired_texts (a text file or shards)")
   if lf.stage == "stage1" and lf.hard_negatives:
     raise ConfigError(f"--config.leaner_faster.hard_negatives={lf.hard_negatives}: stage 1 reads "
                       "no mined negatives (paper 000 §3.2.2 mines for stage 2); set it to 0")

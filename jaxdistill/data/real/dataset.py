@@ -8,6 +8,9 @@ data/benchmark.py's "fashion_grid"):
   tfds           tensorflow-datasets `data.tfds_name` (coco_captions) prepared as ArrayRecord
                  under data.tfds_dir
   webdataset     tar shards, one pattern per split: data.shards.train / .val / .test
+With data.train_split = "unpaired" (Leaner-and-Faster's stage 1) any of them trains on
+data.unpaired_images (a folder or shards) and data.unpaired_texts (a text file or shards) read
+apart.
 
 `RealData` answers what the trainer, the evaluator and the teacher cache ask (`train_dataset`,
 `num_train`, `eval_split`, `train_sample`), as `Benchmark` does for the bundled data. Images are
@@ -22,6 +25,7 @@ Karpathy train captions and kept in the workdir).
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import itertools
 import os
 import threading
@@ -33,6 +37,7 @@ import tokenizers
 
 from jaxdistill.data.eval_split import EvalSplit
 from jaxdistill.data.real import pipeline
+from jaxdistill.data.real.corpora import ImageFolder, TextCorpus
 from jaxdistill.data.real.image_ops import BadImage, ImageSpec, eval_image
 from jaxdistill.data.real.karpathy import FOLD_IMAGES, NUM_FOLDS, KarpathyDataset, load_karpathy
 from jaxdistill.data.real.records import DataError, PairedRecord
@@ -42,6 +47,7 @@ from jaxdistill.data.tokenizer import (SpecialIds, build_tokenizer, load_pretrai
                                        load_tokenizer, save_tokenizer, special_ids)
 
 KARPATHY = ("karpathy_json", "coco", "flickr30k")
+UNPAIRED = "unpaired"   # data.train_split of paper 000's stage 1 (data.unpaired_images / _texts)
 NAMES = KARPATHY + ("tfds", "webdataset")
 TOKENIZER_FILE = "tokenizer.json"
 _EXPECTED_DATASET = {"coco": "coco", "flickr30k": "flickr30k"}
@@ -170,8 +176,10 @@ class RealData:
   # ---------------------------------------------------------------- splits
   @property
   def train_split(self) -> str:
-    """data.train_split, default "train+restval" where the Karpathy JSON has restval images."""
+    """The paired training split: data.train_split, default (and under "unpaired", which trains
+    on the unpaired corpora) "train+restval" where the Karpathy JSON has restval images."""
     split = self.config.data.train_split
+    split = "" if split == UNPAIRED else split
     if split in ("", "train") and self._karpathy is not None and self._karpathy.sizes.get("restval"):
       return "train+restval" if split == "" else split
     return split or ("train+restval" if self.name == "tfds" else "train")
@@ -202,6 +210,10 @@ class RealData:
     return pattern
 
   def num_train(self, split: str) -> int:
+    if split == UNPAIRED:   # an epoch: one pass over the unpaired images
+      path = self.config.data.unpaired_images
+      return (count_samples(list_shards(path)) if path.endswith(".tar") or "{" in path
+              or "*" in path else len(ImageFolder(path)))
     if self.name == "webdataset":
       return count_samples(list_shards(self._shards(self._resolve(split))))
     return len(self.source(split))
@@ -218,9 +230,31 @@ class RealData:
     common = dict(global_batch_size=config.batch_size, seed=config.seed, text=self.text,
                   transform=transform, process_index=process_index, process_count=process_count,
                   num_threads=d.num_threads)
+    if split == UNPAIRED:
+      return self._unpaired_dataset(common)
     if self.name == "webdataset":
       return pipeline.stream_train_dataset(self._shards(self._resolve(split)), **common)
     return pipeline.train_dataset(self.source(split), **common)
+
+  def _unpaired_dataset(self, common: dict) -> pipeline.ZipBatches:
+    """Paper 000's stage-1 pool: images alone (data.unpaired_images: a folder or shards) and
+    captions alone (data.unpaired_texts: a text file or shards), read apart and zipped into one
+    batch: image / image_id from the first, text_ids / text_mask / caption_index from the second
+    (their pairing means nothing)."""
+    d = self.config.data
+    if not d.unpaired_images or not d.unpaired_texts:
+      raise DataError("--config.data.train_split=unpaired on real data needs "
+                      "--config.data.unpaired_images (an image folder or webdataset shards) and "
+                      "--config.data.unpaired_texts (a text file, one caption per line, or shards)")
+    streams = {}
+    for fields, path, corpus in (("image", d.unpaired_images, ImageFolder),
+                                 ("text", d.unpaired_texts, TextCorpus)):
+      kwargs = dict(common, transform=dataclasses.replace(common["transform"], fields=fields))
+      if path.endswith(".tar") or "{" in path or "*" in path:
+        streams[fields] = pipeline.stream_train_dataset(path, **kwargs)
+      else:
+        streams[fields] = pipeline.train_dataset(corpus(path), **kwargs)
+    return pipeline.ZipBatches(streams["image"], streams["text"])
 
   def eval_split(self, split: str, image: ImageSpec | None = None) -> EvalSplit:
     """Every image of `split` (decoded lazily, with `image` or the data's ImageSpec) and every

@@ -359,3 +359,40 @@ def eval_texts(source: Sequence[PairedRecord], text: TextEncoder | Mapping[str, 
   fields["caption_to_index"] = np.asarray(owner, np.int32)
   fields["caption_index"] = np.asarray(slot, np.int32)
   return fields, {"empty_caption": empty}
+
+
+class ZipBatches(grain.IterDataset):
+  """One batch from each of two training streams of the same batch size, merged: `images`
+  gives image / image_id, `texts` text fields / caption_index; "stats" are summed. State:
+  {"image": ..., "text": ...}, each stream's own."""
+
+  def __init__(self, images: grain.IterDataset, texts: grain.IterDataset):
+    super().__init__([images, texts])
+    self.images, self.texts = images, texts
+
+  def __iter__(self) -> "_ZipBatchesIterator":
+    return _ZipBatchesIterator(iter(self.images), iter(self.texts))
+
+  def __str__(self) -> str:
+    return "ZipBatches(images, texts)"
+
+
+class _ZipBatchesIterator(grain.DatasetIterator):
+
+  def __init__(self, images: grain.DatasetIterator, texts: grain.DatasetIterator):
+    super().__init__([images, texts])
+    self._images, self._texts = images, texts
+
+  def __next__(self) -> dict[str, Any]:
+    image, text = next(self._images), next(self._texts)
+    batch = {k: v for k, v in image.items() if k != STATS}
+    batch.update({k: v for k, v in text.items() if k not in (STATS, "image_id")})
+    batch[STATS] = {r: image[STATS].get(r, 0) + text[STATS].get(r, 0) for r in SKIP_REASONS}
+    return batch
+
+  def get_state(self) -> dict[str, Any]:
+    return {"image": self._images.get_state(), "text": self._texts.get_state()}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._images.set_state(state["image"])
+    self._texts.set_state(state["text"])
