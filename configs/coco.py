@@ -41,7 +41,6 @@ import os
 import ml_collections
 
 from jaxdistill.config import ConfigError
-from jaxdistill.pretrained import tower_configs
 
 RECIPES = ("dual", "loopitr", "mcad", "unimodal_kd")
 DATASETS = {"coco": ("data/coco/dataset_coco.json", "data/coco/images"),
