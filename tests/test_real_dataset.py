@@ -11,7 +11,7 @@ import pytest
 from conftest import recipe_config
 from jaxdistill.data.datasets import prepare_data
 from jaxdistill.data.eval_split import captions_matrix, image_failures
-from jaxdistill.data.real.dataset import RealData, fill_model_inputs
+from jaxdistill.data.real.dataset import RealData
 from jaxdistill.data.real.records import DataError
 from jaxdistill.pretrained.packaged import minilm_dir
 from tests.real_data_fixtures import (CORRUPT, EMPTY_CAPTION, KARPATHY_SPLITS, MISSING,
@@ -72,9 +72,10 @@ def test_fill_model_inputs_from_a_preprocessor(tmp_path):
                    preprocessor=str(tmp_path))
   data = RealData(config, None)
   with config.unlocked():
-    fill_model_inputs(config, data.image)
+    data.fill_model_inputs(config)
   m = config.model
   assert (m.image_size, m.channels, m.image_mean, m.image_std) == (48, 3, (0.5,) * 3, (0.25,) * 3)
+  assert m.vocab_size == data.vocab_size
 
 
 def test_webdataset_train_stream_and_eval_split(tmp_path):
@@ -118,9 +119,11 @@ def test_user_errors(tmp_path):
   with pytest.raises(DataError, match="does not exist"):
     RealData(_config("coco", karpathy_json=str(tmp_path / "none.json"),
                      image_root=str(image_root)), None)
-  data = RealData(_config("coco", karpathy_json=str(json_path), image_root=str(image_root)), None)
-  with pytest.raises(DataError, match="bundled benchmark"):
-    data.train_dataset(data.config, "train", process_index=0, process_count=1, negatives=object())
+  config = _config("coco", karpathy_json=str(json_path), image_root=str(image_root))
+  data = RealData(config, None)
+  config.dual.hard_negatives = 4
+  with pytest.raises(DataError, match="bundled benchmark only"):
+    data.train_dataset(config, "train", process_index=0, process_count=1)
   assert not os.path.exists(tmp_path / "tokenizer.json")   # workdir None: nothing written
 
 

@@ -17,6 +17,7 @@ import tokenizers
 from jaxdistill.data import pipeline
 from jaxdistill.data.compositional import CompositionalSplit, build_benchmark
 from jaxdistill.data.eval_split import EvalSplit
+from jaxdistill.data.negatives import training_negatives
 from jaxdistill.data.fashion_mnist import load_fashion_mnist
 from jaxdistill.data.unpaired import SPLIT as UNPAIRED, build_unpaired_pool
 from jaxdistill.data.tokenizer import (SpecialIds, build_tokenizer, encode,
@@ -49,11 +50,18 @@ class Benchmark:
   def num_train(self, split: str) -> int:
     return len(self.splits[split].image_ids)
 
+  def fill_model_inputs(self, config: ml_collections.ConfigDict) -> None:
+    """config.model.vocab_size from the tokenizer (the model's image fields are the benchmark's)."""
+    config.model.vocab_size = self.vocab_size
+
   def train_dataset(self, config: ml_collections.ConfigDict, split: str, *, process_index: int,
-                    process_count: int, negatives=None):
-    """data/pipeline.py's stream of `split` (batches of whole look-alike groups)."""
+                    process_count: int):
+    """data/pipeline.py's stream of `split` (batches of whole look-alike groups), with the mined
+    hard negatives of config.mining.bank_dir when the recipe asks for them."""
+    ids, mask = self.tokens[split]
+    negatives = training_negatives(config, self.splits[split].image_ids, ids.shape[1])
     return pipeline.train_dataset(
-        self.splits[split], *self.tokens[split], global_batch_size=config.batch_size,
+        self.splits[split], ids, mask, global_batch_size=config.batch_size,
         group_size=config.data.group_size, seed=config.seed, process_index=process_index,
         process_count=process_count, negatives=negatives)
 

@@ -1,6 +1,7 @@
 """The dataset of a run, chosen by config.data.name: the bundled benchmark ("fashion_grid",
-data/benchmark.py) or a real one (data/real/dataset.py). Both answer `train_dataset`,
-`num_train`, `eval_split`, `train_sample`, `tokenizer`, `vocab_size` and `special_ids`."""
+data/benchmark.py) or a real one (data/real/dataset.py). Both answer `fill_model_inputs`,
+`train_dataset`, `num_train`, `eval_split`, `train_sample`, `tokenizer`, `vocab_size` and
+`special_ids`."""
 
 from __future__ import annotations
 

@@ -85,8 +85,8 @@ class EfficientNetTower(nn.Module):
   backbone: EfficientNetLite0
   cell_size: int
   input_size: int
-  input_mean: float
-  input_std: float
+  input_mean: float | tuple[float, ...]   # one value, or one per channel (real data's RGB)
+  input_std: float | tuple[float, ...]
 
   def __call__(self, images: jax.Array, deterministic: bool = True) -> jax.Array:
     del deterministic
@@ -101,7 +101,8 @@ class EfficientNetTower(nn.Module):
       raise ValueError(f"--config.model.efficientnet_input_size={self.input_size} must be a "
                        f"multiple of {STRIDE} x {rows} and {STRIDE} x {cols} (EfficientNet's "
                        f"stride x cells per side), e.g. {STRIDE * rows * cols}")
-    pixels = images * self.input_std + self.input_mean
+    per_channel = lambda v: jnp.asarray(v, jnp.float32) if isinstance(v, (tuple, list)) else v
+    pixels = images * per_channel(self.input_std) + per_channel(self.input_mean)
     pixels = bilinear_resize(pixels, self.input_size)
     x = normalize(jnp.repeat(pixels, 3 // channels, axis=-1))
     fmap = self.backbone.feature_map(x)                     # [B, s, s, 1280]

@@ -20,10 +20,7 @@ import ml_collections
 from jaxdistill.atomic import write_json_atomic
 from jaxdistill.config import sharding_rules
 from jaxdistill.data import pipeline
-from jaxdistill.data.benchmark import Benchmark
 from jaxdistill.data.datasets import prepare_data, train_split_name
-from jaxdistill.data.negatives import training_negatives
-from jaxdistill.data.real.dataset import RealData, fill_model_inputs
 from jaxdistill.evaluate.plots import write_plots
 from jaxdistill.evaluate.run import evaluate_and_report, write_eval_results
 from jaxdistill.models.build import towers
@@ -119,17 +116,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # --- input ---
   data = prepare_data(config, workdir)
   with config.unlocked():
-    config.model.vocab_size = data.vocab_size
-    if isinstance(data, RealData):
-      fill_model_inputs(config, data.image)
+    data.fill_model_inputs(config)   # vocab_size (+ real data: image size, normalisation)
   split_name = train_split_name(config)   # "unpaired": paper 000's stage-1 pool
   steps_per_epoch = max(data.num_train(split_name) // config.batch_size, 1)
-  negatives = None
-  if isinstance(data, Benchmark):
-    negatives = training_negatives(config, data.splits[split_name].image_ids,
-                                   data.tokens[split_name][0].shape[1])
   data_iter = iter(data.train_dataset(config, split_name, process_index=jax.process_index(),
-                                      process_count=jax.process_count(), negatives=negatives))
+                                      process_count=jax.process_count()))
   skipped = SkipCounter()
   # --- recipe ---
   recipe = build_recipe(config, mesh, data, steps_per_epoch)

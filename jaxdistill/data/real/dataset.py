@@ -218,13 +218,24 @@ class RealData:
       return count_samples(list_shards(self._shards(self._resolve(split))))
     return len(self.source(split))
 
+  def fill_model_inputs(self, config: ml_collections.ConfigDict) -> None:
+    """config.model's input fields from what the pipeline feeds: vocab_size, image_size,
+    channels 3, image_mean / image_std (the normalisation towers that adapt images undo)."""
+    m, spec = config.model, self.image
+    m.vocab_size, m.image_size, m.channels = self.vocab_size, spec.size, 3
+    for key, value in (("image_mean", spec.mean), ("image_std", spec.std)):
+      del m[key]   # the benchmark's float becomes a per-channel tuple (ConfigDict keeps types)
+      m[key] = tuple(float(v) for v in value)
+
   def train_dataset(self, config: ml_collections.ConfigDict, split: str, *, process_index: int,
-                    process_count: int, negatives=None):
+                    process_count: int):
     """The grain training stream of `split` (data/real/pipeline.py; batches of this process's
     rows, with their skip counts under "stats")."""
-    if negatives is not None:
-      raise DataError("mined hard negatives (--config.mining.bank_dir) are read from the bundled "
-                      "benchmark only; train without them on real data (hard_negatives=0)")
+    section = config.get(config.get("method", ""), None)
+    if section is not None and section.get("hard_negatives", 0) > 0:
+      raise DataError(f"--config.{config.method}.hard_negatives={section.hard_negatives}: mined "
+                      "hard negatives are read for the bundled benchmark only; set it to 0 on "
+                      "real data")
     d = config.data
     transform = pipeline.TrainTransform(image=self.image, scale=tuple(d.crop_scale))
     common = dict(global_batch_size=config.batch_size, seed=config.seed, text=self.text,
@@ -293,12 +304,3 @@ class RealData:
     ids, mask = self.text.encode(texts)
     return texts, ids, mask
 
-
-def fill_model_inputs(config: ml_collections.ConfigDict, spec: ImageSpec) -> None:
-  """Sets config.model's input fields to what the pipeline feeds: image_size, channels 3,
-  image_mean / image_std (the normalisation towers that adapt images undo)."""
-  m = config.model
-  m.image_size, m.channels = spec.size, 3
-  for key, value in (("image_mean", spec.mean), ("image_std", spec.std)):
-    del m[key]   # the benchmark's float becomes a per-channel tuple (ConfigDict keeps types)
-    m[key] = tuple(float(v) for v in value)
