@@ -296,23 +296,28 @@ def test_write_json_atomic_replaces_and_leaves_no_temp(tmp_path):
     write_json_atomic(str(tmp_path / "missing" / "eval.json"), {})
 
 
+def _random_dual(tmp_path):
+  """(config, benchmark, towers, params) of the tiny dual preset's network, randomly initialised."""
+  import jax
+  from conftest import recipe_config
+  from jaxdistill.data.benchmark import prepare_benchmark
+  from jaxdistill.models.build import build_model, init_params, towers
+  config = recipe_config("dual")
+  bench = prepare_benchmark(config, str(tmp_path))
+  config.model.vocab_size = bench.vocab_size
+  model = build_model(config.model)
+  return config, bench, towers(model), init_params(model, config.model, jax.random.PRNGKey(0))
+
+
 def test_evaluate_and_report_on_towers(tmp_path):
   """evaluate_and_report(towers, params, ...) on the tiny benchmark with a random dual network:
   the dual row is recall_at_k of the towers' own embeddings; a network without match_scores has
   no rerank row; with match_scores = the dual cosine (carried in the tokens) re-ranking the top-k
   changes nothing, so the rerank row (and its binding) equals the dual row."""
-  import jax
-  from conftest import recipe_config
-  from jaxdistill.data.benchmark import prepare_benchmark
   from jaxdistill.data.pipeline import eval_arrays
   from jaxdistill.evaluate.run import evaluate_and_report
-  from jaxdistill.models.build import Towers, build_model, init_params, towers
-  config = recipe_config("dual")
-  bench = prepare_benchmark(config, str(tmp_path))
-  config.model.vocab_size = bench.vocab_size
-  model = build_model(config.model)
-  params = init_params(model, config.model, jax.random.PRNGKey(0))
-  dual = towers(model)
+  from jaxdistill.models.build import Towers
+  config, bench, dual, params = _random_dual(tmp_path)
   arrays = eval_arrays(bench.splits["test"], *bench.tokens["test"])
   img = np.asarray(dual.embed_image(params, arrays["image"])[0])
   txt = np.asarray(dual.embed_text(params, arrays["text_ids"], arrays["text_mask"])[0])
@@ -346,17 +351,8 @@ def test_evaluate_and_report_with_scann_and_folds(tmp_path):
   """config.eval.ann adds the ScaNN row (equal to exact search on a gallery this small) and its
   gap; an EvalSplit with folds reports their mean; unreadable images leave the protocol."""
   import dataclasses
-  import jax
-  from conftest import recipe_config
-  from jaxdistill.data.benchmark import prepare_benchmark
   from jaxdistill.evaluate.run import evaluate_and_report
-  from jaxdistill.models.build import build_model, init_params, towers
-  config = recipe_config("dual")
-  bench = prepare_benchmark(config, str(tmp_path))
-  config.model.vocab_size = bench.vocab_size
-  model = build_model(config.model)
-  params = init_params(model, config.model, jax.random.PRNGKey(0))
-  dual = towers(model)
+  config, bench, dual, params = _random_dual(tmp_path)
   split = bench.eval_split("test")
   config.eval.ann = True
   results = evaluate_and_report(dual, params, split, config, verbose=False)

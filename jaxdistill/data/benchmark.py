@@ -20,30 +20,21 @@ from jaxdistill.data.eval_split import EvalSplit
 from jaxdistill.data.negatives import training_negatives
 from jaxdistill.data.fashion_mnist import load_fashion_mnist
 from jaxdistill.data.unpaired import SPLIT as UNPAIRED, build_unpaired_pool
-from jaxdistill.data.tokenizer import (SpecialIds, build_tokenizer, encode,
-                                       load_pretrained_tokenizer, load_tokenizer, save_tokenizer,
-                                       special_ids)
+from jaxdistill.data.tokenizer import (Vocabulary, build_tokenizer, encode,
+                                       load_pretrained_tokenizer, load_tokenizer, save_tokenizer)
 
 TOKENIZER_FILE = "tokenizer.json"
 NAME = "fashion_grid"
 
 
 @dataclasses.dataclass(frozen=True)
-class Benchmark:
+class Benchmark(Vocabulary):
   """splits: train / val / test. tokens[split] = (ids int32 [N,5,L], mask int32 [N,5,L]).
   probe_tokens[split] = (true_ids, true_mask, false_ids, false_mask), each int32 [N,L]."""
   splits: dict[str, CompositionalSplit]
   tokenizer: tokenizers.Tokenizer
   tokens: dict[str, tuple[np.ndarray, np.ndarray]]
   probe_tokens: dict[str, tuple[np.ndarray, ...]]
-
-  @property
-  def vocab_size(self) -> int:
-    return self.tokenizer.get_vocab_size()
-
-  @property
-  def special_ids(self) -> SpecialIds:
-    return special_ids(self.tokenizer)
 
   dataset = "compositional"   # reports' dataset name
 

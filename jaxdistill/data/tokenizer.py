@@ -37,6 +37,20 @@ class SpecialIds:
     return max(dataclasses.astuple(self)) + 1
 
 
+class Vocabulary:
+  """vocab_size and special_ids of `self.tokenizer`: a mixin of the datasets a run reads
+  (data/benchmark.py Benchmark, data/real/dataset.py RealData)."""
+  tokenizer: tokenizers.Tokenizer
+
+  @property
+  def vocab_size(self) -> int:
+    return self.tokenizer.get_vocab_size()
+
+  @property
+  def special_ids(self) -> SpecialIds:
+    return special_ids(self.tokenizer)
+
+
 def special_ids(tokenizer: tokenizers.Tokenizer) -> SpecialIds:
   """The tokenizer's SpecialIds; TokenizerError if one of SPECIAL_TOKENS is not in its vocab."""
   ids = [tokenizer.token_to_id(token) for token in SPECIAL_TOKENS]

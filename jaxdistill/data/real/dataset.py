@@ -43,8 +43,8 @@ from jaxdistill.data.real.karpathy import FOLD_IMAGES, NUM_FOLDS, KarpathyDatase
 from jaxdistill.data.real.records import DataError, PairedRecord
 from jaxdistill.data.real.text import TextEncoder
 from jaxdistill.data.real.webdataset import count_samples, iter_tar, list_shards, sample_to_record
-from jaxdistill.data.tokenizer import (SpecialIds, build_tokenizer, load_pretrained_tokenizer,
-                                       load_tokenizer, save_tokenizer, special_ids)
+from jaxdistill.data.tokenizer import (Vocabulary, build_tokenizer, load_pretrained_tokenizer,
+                                       load_tokenizer, save_tokenizer)
 
 KARPATHY = ("karpathy_json", "coco", "flickr30k")
 UNPAIRED = "unpaired"   # data.train_split of paper 000's stage 1 (data.unpaired_images / _texts)
@@ -119,7 +119,7 @@ class _ShardRecords(Sequence):
     return self.records[index]
 
 
-class RealData:
+class RealData(Vocabulary):
   """config.data.name in NAMES (module docstring). tokenizer: the student's; image: ImageSpec."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str | None):
@@ -164,14 +164,6 @@ class RealData:
     if path:
       save_tokenizer(tokenizer, path)
     return tokenizer
-
-  @property
-  def vocab_size(self) -> int:
-    return self.tokenizer.get_vocab_size()
-
-  @property
-  def special_ids(self) -> SpecialIds:
-    return special_ids(self.tokenizer)
 
   # ---------------------------------------------------------------- splits
   @property
