@@ -158,3 +158,30 @@ def test_to_global_batch_on_an_8_device_mesh(split, tokens):
   for shard in mixed["image_id"].addressable_shards:
     np.testing.assert_array_equal(np.asarray(shard.data), batch["image_id"])
   assert mixed["image"].sharding.spec == jax.sharding.PartitionSpec(BATCH_AXES)
+
+
+def test_benchmark_stream_carries_a_teachers_own_token_ids(tmp_path):
+  """Benchmark.train_dataset(texts={name: tokenize}): each example's caption also as
+  <name>_text_ids / _mask in that vocabulary (a teacher's own), the same caption as text_ids."""
+  from conftest import recipe_config
+  from jaxdistill.data.benchmark import prepare_benchmark
+  from jaxdistill.data.real.text import TextEncoder
+  from jaxdistill.pretrained.packaged import minilm_dir
+  config = recipe_config("dual")
+  bench = prepare_benchmark(config, str(tmp_path))
+  minilm = TextEncoder.from_file(minilm_dir(), max_len=40)
+  it = iter(bench.train_dataset(config, "train", process_index=0, process_count=1,
+                                texts={"teacher": minilm.encode}))
+  batch = next(it)
+  assert batch["teacher_text_ids"].shape == (config.batch_size, 40)
+  train = bench.splits["train"]
+  row = {int(i): r for r, i in enumerate(train.image_ids)}
+  captions = [train.captions[row[int(i)]][int(c)]
+              for i, c in zip(batch["image_id"], batch["caption_index"])]
+  want_ids, want_mask = minilm.encode(captions)
+  np.testing.assert_array_equal(batch["teacher_text_ids"], want_ids)
+  np.testing.assert_array_equal(batch["teacher_text_mask"], want_mask)
+  own_ids, _ = bench.tokens["train"]
+  np.testing.assert_array_equal(batch["text_ids"],
+                                own_ids[[row[int(i)] for i in batch["image_id"]],
+                                        batch["caption_index"]])

@@ -5,6 +5,7 @@ preprocessor_config.json) as the dual teacher ->
   1. --mode=cache_teacher: the teacher's features of the train and test splits;
   2. --mode=train: an MCAD student (L_GT + L_CLIP, paper 001 eq. 14-15) distilled from the
      cached teacher (teachers.dual.kind=cache), skipping and counting the bad training images;
+     and from the same teacher online, reading the captions in its own vocabulary;
   3. its eval.json against a plain numpy transcription of the Karpathy protocol on the student's
      own embeddings of the fixture's test split (bad images and their captions left out).
 """
@@ -132,6 +133,14 @@ def test_clip_teacher_cache_distill_and_karpathy_eval(tmp_path):
   assert all(np.isfinite(m["clip"]) and np.isfinite(m["gt"]) for m in metrics)
   clip_json = json.loads((workdir / "clip_benchmark.json").read_text())
   assert clip_json["dataset"] == "jaxdistill/coco_test"
+
+  # 2b. the same teacher online: it reads each caption in its own vocabulary (batch dual_text_ids)
+  online = tmp_path / "online"
+  run_main("--config=configs/mcad.py:tiny", f"--workdir={online}", *data,
+           "--config.mcad.loss=gt+clip", "--config.teachers.dual.kind=pretrained",
+           f"--config.teachers.dual.path={clip_dir}", "--config.train.num_steps=2")
+  online_metrics = [json.loads(l) for l in (online / "metrics.jsonl").read_text().splitlines()]
+  assert len(online_metrics) == 2 and all(np.isfinite(m["clip"]) for m in online_metrics)
 
   # 3. eval.json against numpy on the student's own embeddings of the readable test images
   from jaxdistill.data.real.image_ops import ImageSpec, eval_image

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable, Mapping
 
 import ml_collections
 import numpy as np
@@ -46,15 +47,24 @@ class Benchmark(Vocabulary):
     config.model.vocab_size = self.vocab_size
 
   def train_dataset(self, config: ml_collections.ConfigDict, split: str, *, process_index: int,
-                    process_count: int):
+                    process_count: int, texts: Mapping[str, Callable] | None = None):
     """data/pipeline.py's stream of `split` (batches of whole look-alike groups), with the mined
-    hard negatives of config.mining.bank_dir when the recipe asks for them."""
+    hard negatives of config.mining.bank_dir when the recipe asks for them. texts {name:
+    tokenize(texts) -> (ids, mask)}: every caption also in that vocabulary, as
+    <name>_text_ids / <name>_text_mask."""
     ids, mask = self.tokens[split]
+    captions = self.splits[split].captions
+    flat = [c for caps in captions for c in caps]
+    extra = {}
+    for name, tokenize in (texts or {}).items():
+      t_ids, t_mask = tokenize(flat)
+      extra[name] = (t_ids.reshape(len(captions), -1, t_ids.shape[-1]),
+                     t_mask.reshape(len(captions), -1, t_mask.shape[-1]))
     negatives = training_negatives(config, self.splits[split].image_ids, ids.shape[1])
     return pipeline.train_dataset(
         self.splits[split], ids, mask, global_batch_size=config.batch_size,
         group_size=config.data.group_size, seed=config.seed, process_index=process_index,
-        process_count=process_count, negatives=negatives)
+        process_count=process_count, negatives=negatives, extra_tokens=extra)
 
   def eval_split(self, split: str) -> EvalSplit:
     data = self.splits[split]

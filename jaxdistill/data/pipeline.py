@@ -32,7 +32,9 @@ def _group_table(split: CompositionalSplit, group_size: int) -> np.ndarray:
 def train_dataset(split: CompositionalSplit, token_ids: np.ndarray, token_mask: np.ndarray, *,
                   global_batch_size: int, group_size: int, seed: int, process_index: int = 0,
                   process_count: int = 1,
-                  negatives: TrainingNegatives | None = None) -> grain.IterDataset:
+                  negatives: TrainingNegatives | None = None,
+                  extra_tokens: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
+                  ) -> grain.IterDataset:
   """Infinite stream of this process's share of each global training batch.
 
   token_ids, token_mask: int32 [N, 5, L] (every caption of every image). Global batch k of epoch
@@ -44,7 +46,9 @@ def train_dataset(split: CompositionalSplit, token_ids: np.ndarray, token_mask: 
   float32 [b, 56, 56, 1] (normalised), text_ids / text_mask int32 [b, L], image_id / group_id
   int32 [b], caption_index int32 [b] (which of the image's captions text_ids is). With
   `negatives` (mined banks, paper 000 §3.2.2 HN) each example also carries its k
-  hard negatives (see `_hard_negative_fields`). Iterators support get_state() / set_state()."""
+  hard negatives (see `_hard_negative_fields`). extra_tokens {name: (ids, mask) int32
+  [N, 5, L_name]}: the same captions in another vocabulary (a teacher's), as <name>_text_ids /
+  <name>_text_mask [b, L_name]. Iterators support get_state() / set_state()."""
   n = len(split.image_ids)
   chex.assert_shape(token_ids, (n, None, None))
   chex.assert_equal_shape([token_ids, token_mask])
@@ -74,6 +78,9 @@ def train_dataset(split: CompositionalSplit, token_ids: np.ndarray, token_mask: 
              "image_id": split.image_ids[examples],
              "caption_index": caption[examples].astype(np.int32),
              "group_id": split.group_ids[examples]}
+    for name, (ids, mask) in (extra_tokens or {}).items():
+      batch[f"{name}_text_ids"] = ids[examples, caption[examples]]
+      batch[f"{name}_text_mask"] = mask[examples, caption[examples]]
     if negatives is not None:
       batch.update(_hard_negative_fields(negatives, split, token_ids, token_mask, examples,
                                          caption[examples]))

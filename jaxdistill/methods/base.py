@@ -49,6 +49,9 @@ class Recipe:
   batch_features: {teacher name: teacher cache directory} of cached teachers (kind "cache"):
     the trainer adds their features of each example to the batch as <name>_image_emb [B, E],
     <name>_text_emb [B, E], <name>_valid [B] (teachers/cache.py add_cached_features).
+  batch_texts: {teacher name: tokenize(texts) -> (ids, mask)} of teachers that read captions in
+    their own vocabulary: the input pipeline adds each caption's <name>_text_ids /
+    <name>_text_mask [B, L_name] beside the student's text_ids / text_mask.
   """
   name: str
   modules: Mapping[str, Module]
@@ -58,6 +61,7 @@ class Recipe:
   init_extra: Callable[[], Any] | None = None
   warmup: tuple[int, LossFn] | None = None
   batch_features: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  batch_texts: Mapping[str, Callable] = dataclasses.field(default_factory=dict)
 
 
 _DROPOUT_STREAM = 0x0D0   # folded into the step key for dropout, apart from the recipe's own keys
@@ -98,17 +102,22 @@ def student_module(config) -> Module:
   return Module(model, lambda key: init_params(model, config.model, key))
 
 
-def check_teacher_tokenizer(method: str, name: str, teacher, data) -> None:
-  """A teacher reads the student's token ids: one with its own vocabulary (teacher.tokenize) must
-  agree with the run's tokenizer on train captions (data.train_sample), else ConfigError."""
+def same_tokenizer(teacher, data) -> bool:
+  """Whether `teacher` reads the student's token ids: it has no vocabulary of its own
+  (teacher.tokenize None) or tokenizes train captions (data.train_sample) as the student does."""
   if teacher.tokenize is None:
-    return
+    return True
   sample, ids, mask = data.train_sample(32)
   t_ids, t_mask = teacher.tokenize(sample)
   width = min(t_ids.shape[1], ids.shape[1])
-  same = (np.array_equal(t_ids[:, :width] * t_mask[:, :width], ids[:, :width])
+  return (np.array_equal(t_ids[:, :width] * t_mask[:, :width], ids[:, :width])
           and int(t_mask.sum()) == int(mask.sum()))
-  if not same:
+
+
+def check_teacher_tokenizer(method: str, name: str, teacher, data) -> None:
+  """A teacher that reads the student's token ids must tokenize as the student does
+  (`same_tokenizer`), else ConfigError."""
+  if not same_tokenizer(teacher, data):
     raise ConfigError(f"{method}: teacher {name!r} ({teacher.name}) tokenizes captions differently "
                       "from the student (--config.data.tokenizer): train the teacher with the "
                       "student's tokenizer, or give the student the teacher's")

@@ -21,8 +21,9 @@ Only the work a term needs runs: no cross teacher without albef / mt / mt_fa, no
 module (and no such params) without mt / mt_fa, no teacher at all for gt alone.
 
 Modules: "student" (config.model) and, with mt / mt_fa, "integration" (config.mcad.integration).
-Frozen: the teachers' params by their config.teachers names, "dual" and "cross". Both teachers
-read the student's token ids: they must share its tokenizer (checked at build). A cached dual
+Frozen: the teachers' params by their config.teachers names, "dual" and "cross". A teacher whose
+tokenizer differs from the student's (a CLIP's BPE, say) reads each caption in its own vocabulary
+(Recipe.batch_texts: the pipeline adds <name>_text_ids / _mask). A cached dual
 teacher (config.teachers.dual.kind = "cache": the features --mode=cache_teacher stored for the
 train split, with the teacher's own tokenizer and image size) is read from the batch instead.
 """
@@ -37,8 +38,8 @@ from jax.sharding import Mesh
 from jaxdistill.config import ConfigError
 from jaxdistill.losses import mcad
 from jaxdistill.losses.contrastive import similarity_logits
-from jaxdistill.methods.base import (STUDENT, Module, Recipe, check_teacher_tokenizer,
-                                     embed_pair, student_module)
+from jaxdistill.methods.base import (STUDENT, Module, Recipe, embed_pair, same_tokenizer,
+                                     student_module)
 from jaxdistill.models.build import towers as towers_of
 from jaxdistill.models.mcad_integration import IntegrationModule
 from jaxdistill.teachers import load_teacher
@@ -98,6 +99,14 @@ def integration_module(config: ml_collections.ConfigDict, dual_dim: int, cross_d
   return Module(model, init)
 
 
+def teacher_text(batch: dict, name: str) -> tuple:
+  """The captions as teacher `name` reads them: its own token ids (<name>_text_ids / _mask, when
+  the recipe asked the pipeline for them: Recipe.batch_texts) or the student's."""
+  if f"{name}_text_ids" in batch:
+    return batch[f"{name}_text_ids"], batch[f"{name}_text_mask"]
+  return batch["text_ids"], batch["text_mask"]
+
+
 def make_loss_fn(config: ml_collections.ConfigDict, student_model, integration_model,
                  dual, cross):
   """loss_fn(params, frozen, extra, batch, rng, step) -> (loss, metrics, extra) (methods/base.py).
@@ -114,7 +123,7 @@ def make_loss_fn(config: ml_collections.ConfigDict, student_model, integration_m
 
   def loss_fn(params, frozen, extra, batch, rng, step):
     del step
-    images, ids, mask = batch["image"], batch["text_ids"], batch["text_mask"]
+    images = batch["image"]
     p = params[STUDENT]
     image_s, _, text_s, _, tau_s = embed_pair(config, student, p, batch, rng)
     student_logits = similarity_logits(image_s, text_s, tau_s)          # D^S (eq. 1)
@@ -125,14 +134,14 @@ def make_loss_fn(config: ml_collections.ConfigDict, student_model, integration_m
       image_ds, text_ds = batch["dual_image_emb"], batch["dual_text_emb"]
     elif need_dual:
       image_ds = dual.embed_images(frozen["dual"], images)
-      text_ds = dual.embed_texts(frozen["dual"], ids, mask)
+      text_ds = dual.embed_texts(frozen["dual"], *teacher_text(batch, "dual"))
     if need_dual:
       tau_ds = tau_ds_fixed if tau_ds_fixed > 0 else dual.temperature
       targets = mcad.dual_stream_targets(image_ds, text_ds, tau_ds, k if need_cross else None)
     cls_i2t = cls_t2i = None
     if need_cross:                                                        # eq. 6 (+ H^SS)
       pair_images, pair_texts = mcad.top_k_pairs(targets.top_i2t, targets.top_t2i)
-      p_match, cls = cross.pair_outputs(frozen["cross"], images, ids, mask,
+      p_match, cls = cross.pair_outputs(frozen["cross"], images, *teacher_text(batch, "cross"),
                                         pair_images.reshape(-1), pair_texts.reshape(-1))
       p_match = jax.lax.stop_gradient(p_match).reshape(pair_images.shape)
       targets = targets._replace(ss_i2t=p_match[0], ss_t2i=p_match[1])
@@ -190,8 +199,8 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, data, steps_per_epoch: 
   if cross is not None and cross.pair_outputs is None:
     raise ConfigError(f"--config.teachers.cross ({cross.name}) gives no single-stream pair "
                       "outputs (match probability + fused [CLS]): point it at a LoopITR run")
-  for name, teacher in loaded.items():
-    check_teacher_tokenizer("mcad", name, teacher, data)
+  own_vocabulary = {name: t.tokenize for name, t in loaded.items()
+                    if not t.is_cached and not same_tokenizer(t, data)}
   mc = config.model
   images = jnp.zeros((1, mc.image_size, mc.image_size, mc.channels), jnp.float32)
   if dual is not None and dual.is_cached:
@@ -215,4 +224,5 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, data, steps_per_epoch: 
       loss_fn=make_loss_fn(config, student.model, integration and integration.model, dual, cross),
       frozen={name: t.params for name, t in loaded.items() if not t.is_cached},
       batch_features={name: t.features for name, t in loaded.items() if t.is_cached},
+      batch_texts=own_vocabulary,
   )

@@ -1,5 +1,5 @@
-"""The trainer, top to bottom: mesh -> input -> recipe -> shardings -> state (resume >
-init_from > random) -> step -> loop (log, checkpoint, preemption) -> evaluation.
+"""The trainer, top to bottom: mesh -> input -> recipe -> input stream -> shardings -> state
+(resume > init_from > random) -> step -> loop (log, checkpoint, preemption) -> evaluation.
 
 Knows no method: `train_and_evaluate` gets a `build_recipe(config, mesh, data, steps_per_epoch) -> Recipe`
 (methods/ hands its registry in). Everything else it reads from the config, as data:
@@ -119,11 +119,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     data.fill_model_inputs(config)   # vocab_size (+ real data: image size, normalisation)
   split_name = train_split_name(config)   # "unpaired": paper 000's stage-1 pool
   steps_per_epoch = max(data.num_train(split_name) // config.batch_size, 1)
-  data_iter = iter(data.train_dataset(config, split_name, process_index=jax.process_index(),
-                                      process_count=jax.process_count()))
-  skipped = SkipCounter()
   # --- recipe ---
   recipe = build_recipe(config, mesh, data, steps_per_epoch)
+  # --- input stream (+ teachers' own token ids, cached teacher features) ---
+  data_iter = iter(data.train_dataset(config, split_name, process_index=jax.process_index(),
+                                      process_count=jax.process_count(), texts=recipe.batch_texts))
+  skipped = SkipCounter()
   features = {name: FeatureCache(path) for name, path in recipe.batch_features.items()}
   next_batch = lambda: add_cached_features(skipped.take(next(data_iter)), features)
   # --- shardings, state (resume > init_from > random) ---

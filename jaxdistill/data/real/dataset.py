@@ -29,7 +29,7 @@ import dataclasses
 import itertools
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import ml_collections
 import numpy as np
@@ -41,7 +41,7 @@ from jaxdistill.data.real.corpora import ImageFolder, TextCorpus
 from jaxdistill.data.real.image_ops import BadImage, ImageSpec, eval_image
 from jaxdistill.data.real.karpathy import FOLD_IMAGES, NUM_FOLDS, KarpathyDataset, load_karpathy
 from jaxdistill.data.real.records import DataError, PairedRecord
-from jaxdistill.data.real.text import TextEncoder
+from jaxdistill.data.real.text import FunctionEncoder, TextEncoder
 from jaxdistill.data.real.webdataset import count_samples, iter_tar, list_shards, sample_to_record
 from jaxdistill.data.tokenizer import (Vocabulary, build_tokenizer, load_pretrained_tokenizer,
                                        load_tokenizer, save_tokenizer)
@@ -220,9 +220,10 @@ class RealData(Vocabulary):
       m[key] = tuple(float(v) for v in value)
 
   def train_dataset(self, config: ml_collections.ConfigDict, split: str, *, process_index: int,
-                    process_count: int):
+                    process_count: int, texts: Mapping[str, Callable] | None = None):
     """The grain training stream of `split` (data/real/pipeline.py; batches of this process's
-    rows, with their skip counts under "stats")."""
+    rows, with their skip counts under "stats"). texts {name: tokenize(texts) -> (ids, mask)}:
+    each caption also in that vocabulary (a teacher's own), as <name>_text_ids / _text_mask."""
     section = config.get(config.get("method", ""), None)
     if section is not None and section.get("hard_negatives", 0) > 0:
       raise DataError(f"--config.{config.method}.hard_negatives={section.hard_negatives}: mined "
@@ -230,7 +231,8 @@ class RealData(Vocabulary):
                       "real data")
     d = config.data
     transform = pipeline.TrainTransform(image=self.image, scale=tuple(d.crop_scale))
-    common = dict(global_batch_size=config.batch_size, seed=config.seed, text=self.text,
+    encoders = {"": self.text, **{name: FunctionEncoder(fn) for name, fn in (texts or {}).items()}}
+    common = dict(global_batch_size=config.batch_size, seed=config.seed, text=encoders,
                   transform=transform, process_index=process_index, process_count=process_count,
                   num_threads=d.num_threads)
     if split == UNPAIRED:

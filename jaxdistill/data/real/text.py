@@ -62,3 +62,11 @@ class TextEncoder:
       ids[row, :len(tokens)] = tokens
       mask[row, :len(tokens)] = 1
     return ids, mask
+
+
+class FunctionEncoder:
+  """A tokenize(texts) -> (ids int32 [N, L], mask int32 [N, L]) function (e.g. a teacher's
+  Teacher.tokenize) where the pipeline takes a TextEncoder."""
+
+  def __init__(self, tokenize):
+    self.encode = tokenize
