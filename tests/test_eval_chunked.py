@@ -163,7 +163,8 @@ def test_clip_benchmark_result_hand_worked():
 
 def test_write_eval_results_puts_clip_benchmark_json_beside(tmp_path):
   config = base_config("tiny")
-  results = {"split": "val", "dual": recall_at_k(_HAND_SIM, _HAND_C2I), "step": 8}
+  results = {"split": "val", "dataset": "compositional_val",
+             "dual": recall_at_k(_HAND_SIM, _HAND_C2I), "step": 8}
   write_eval_results(str(tmp_path), "eval_val.json", results, config, step=8)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["clip_benchmark_val.json", "eval_val.json"]
   assert json.loads((tmp_path / "eval_val.json").read_text()) == results
