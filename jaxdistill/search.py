@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import sys
+import zipfile
 
 import numpy as np
 import tokenizers
@@ -53,8 +54,12 @@ class Tower:
 
   def __init__(self, path: str, num_threads: int | None = None):
     from ai_edge_litert.interpreter import Interpreter
-    self.interpreter = Interpreter(model_path=path, num_threads=num_threads)
-    self.runner = self.interpreter.get_signature_runner(SIGNATURE)
+    try:
+      self.interpreter = Interpreter(model_path=path, num_threads=num_threads)
+      self.runner = self.interpreter.get_signature_runner(SIGNATURE)
+    except ValueError as e:
+      raise SearchError(f"{path} is not a TFLite model with a {SIGNATURE!r} signature ({e}): "
+                        "re-export") from e
     self.batch_size = int(next(iter(self.runner.get_input_details().values()))["shape"][0])
 
   def __call__(self, **inputs: np.ndarray) -> np.ndarray:
@@ -103,6 +108,7 @@ def load_export(export_dir: str, num_threads: int | None = None) -> Exported:
       manifest = json.load(f)
   except ValueError as e:
     raise SearchError(f"{path} is not valid JSON ({e}): re-export") from e
+  _check_manifest(manifest, path)
   for name, want in manifest["files"].items():
     file = os.path.join(export_dir, name)
     if not os.path.isfile(file) or sha256(file) != want["sha256"]:
@@ -113,6 +119,35 @@ def load_export(export_dir: str, num_threads: int | None = None) -> Exported:
       text=Tower(os.path.join(export_dir, manifest["text_encoder"]["file"]), num_threads),
       tokenizer=tokenizers.Tokenizer.from_file(
           os.path.join(export_dir, manifest["text_encoder"]["tokenizer"])))
+
+
+# What this module reads from manifest.json (keys, and list positions as ints).
+MANIFEST_KEYS = (
+    ("image_encoder", "file"), ("image_encoder", "inputs", 0, "name"),
+    ("image_encoder", "inputs", 0, "shape"), ("image_encoder", "normalization", "scale"),
+    ("image_encoder", "normalization", "mean"), ("image_encoder", "normalization", "std"),
+    ("text_encoder", "file"), ("text_encoder", "tokenizer"), ("text_encoder", "max_len"),
+    ("files",))
+
+
+def _check_manifest(manifest, path: str) -> None:
+  """Every key in MANIFEST_KEYS, and a sha256 for each file listed and each file the towers use."""
+  def lookup(key: tuple) -> object:
+    node = manifest
+    try:
+      for part in key:
+        node = node[part]
+    except (KeyError, IndexError, TypeError) as e:
+      shown = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in key)[1:]
+      raise SearchError(f"{path} has no {shown}: it is not a complete export manifest; re-export "
+                        "(python -m jaxdistill.main --mode=export --workdir=RUN)") from e
+    return node
+
+  for key in MANIFEST_KEYS:
+    lookup(key)
+  image, text = manifest["image_encoder"], manifest["text_encoder"]
+  for name in (image["file"], text["file"], text["tokenizer"], *manifest["files"]):
+    lookup(("files", name, "sha256"))
 
 
 def read_image(path: str, shape: tuple[int, int, int]) -> np.ndarray:
@@ -172,8 +207,12 @@ def load_index(path: str, exported: Exported) -> Index:
   if not os.path.isfile(path):
     raise SearchError(f"index {path} does not exist: build it with `python -m jaxdistill.search "
                       "index --images=DIR --index=PATH`")
-  with np.load(path) as data:
-    index = Index(data["embeddings"], data["paths"].tolist(), str(data["image_model"]))
+  try:
+    with np.load(path) as data:
+      index = Index(data["embeddings"], data["paths"].tolist(), str(data["image_model"]))
+  except (OSError, ValueError, EOFError, KeyError, TypeError, zipfile.BadZipFile) as e:
+    raise SearchError(f"index {path} is not a readable index ({type(e).__name__}: {e}): rebuild "
+                      "it with `python -m jaxdistill.search index --images=DIR --index=PATH`") from e
   want = exported.manifest["files"][exported.manifest["image_encoder"]["file"]]["sha256"]
   if index.image_model != want:
     raise SearchError(f"index {path} was built with another image model than "
@@ -192,6 +231,16 @@ def top_k(embeddings: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarr
   return np.take_along_axis(part, order, axis=1), np.take_along_axis(part_scores, order, axis=1)
 
 
+def _check_query_args(queries: list[str], k: int) -> None:
+  """The query command's --k and query texts, checked before any model is loaded."""
+  if k < 1:
+    raise SearchError(f"--k={k} must be at least 1 (results per query, e.g. --k=10)")
+  for i, query in enumerate(queries, 1):
+    if not query.strip():
+      raise SearchError(f"query {i} is empty: give the text to search for, e.g. "
+                        "\"a bag to the left of a sneaker\"")
+
+
 def _main(argv: list[str]) -> int:
   parser = argparse.ArgumentParser(prog="python -m jaxdistill.search", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -207,6 +256,8 @@ def _main(argv: list[str]) -> int:
     cmd.add_argument("--threads", type=int, default=None, help="LiteRT threads (default: all)")
   args = parser.parse_args(argv)
   try:
+    if args.command == "query":
+      _check_query_args(args.queries, args.k)
     exported = load_export(args.export_dir, args.threads)
     if args.command == "index":
       index = index_folder(exported, args.images)

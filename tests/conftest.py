@@ -111,8 +111,7 @@ def user_env() -> dict:
 
 
 def logged_losses(workdir: str) -> dict:
-  """step -> loss from <workdir>/metrics.jsonl, the last line of each step (a resumed run
-  rewrites the steps after its checkpoint)."""
+  """step -> loss from <workdir>/metrics.jsonl (one line per logged step, also after a resume)."""
   import json
   losses = {}
   with open(os.path.join(workdir, "metrics.jsonl")) as f:

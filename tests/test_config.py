@@ -9,6 +9,8 @@ import pytest
 from conftest import recipe_config
 from jaxdistill import methods
 from jaxdistill.config import ConfigError, suggest_key, validate
+from jaxdistill.main import MODES
+from jaxdistill.parallel.mesh import make_mesh
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -81,6 +83,33 @@ def test_invalid_values_name_the_key(key, value, needle):
   assert needle in str(info.value)
 
 
+@pytest.mark.parametrize("mode", list(MODES))
+def test_validate_refuses_every_mesh_make_mesh_refuses(mode):
+  """validate (before anything is built) and make_mesh (in every mode's run) agree on which
+  mesh.data / mesh.fsdp pairs fit 8 devices; a refused pair names the key and the valid values."""
+  for data in range(-2, 10):
+    for fsdp in range(-1, 10):
+      try:
+        make_mesh(data, fsdp)
+        fits = True
+      except ValueError:
+        fits = False
+      config = _config(**{"mesh.data": data, "mesh.fsdp": fsdp})
+      if fits:
+        if mode == "train":
+          validate(config, 8, mode)
+        continue
+      with pytest.raises(ConfigError) as info:
+        validate(config, 8, mode)
+      message = str(info.value)
+      if fsdp in (1, 2, 4, 8):
+        assert message.startswith("--config.mesh.data * --config.mesh.fsdp = ")
+        assert f"set --config.mesh.data={8 // fsdp} (or -1" in message
+      else:
+        assert message == (f"--config.mesh.fsdp={fsdp} must divide the 8 devices: use one of "
+                           "[1, 2, 4, 8]")
+
+
 def test_suggest_key_finds_typo():
   assert suggest_key(recipe_config("loopitr"), "batch_sise") == "did you mean --config.batch_size?"
   assert "loopitr.num_negatives" in suggest_key(recipe_config("loopitr"), "loopitr.num_negatvies")
@@ -106,6 +135,9 @@ def _cli(workdir, *args, config="loopitr"):
      "--config.data.fashion_mnist_dir='/no/such/dir'"),
     ("loopitr", ["--config.mesh.fsdp=3"],
      "--config.mesh.fsdp=3 must divide the 8 devices: use one of [1, 2, 4, 8]"),
+    ("loopitr", ["--config.mesh.data=3"],
+     "--config.mesh.data * --config.mesh.fsdp = 3 * 1 must equal the 8 devices: set "
+     "--config.mesh.data=8 (or -1"),
     ("dual", ["--mode=mine"], "--mode=mine needs --config.mining.tower_workdir"),
     ("cprd", ["--mode=cache_teacher", "--config.teachers.teacher.path=/no/such/run"],
      "--config.teachers.teacher.path='/no/such/run' does not exist"),

@@ -1,7 +1,8 @@
 """`python -m jaxdistill.search` on a real export (tiny LoopITR towers from an initialisation,
 exported through the same `export_towers` as a checkpoint) and a folder of the test split's
 images as PNG files: no JAX or TensorFlow in its process, its top-10 hits for 20 captions equal
-to what the JAX towers rank, unreadable images skipped and counted, clear errors."""
+to what the JAX towers rank, unreadable images skipped and counted, clear errors (one line,
+exit status 2) for bad arguments, a corrupt index, model file or manifest."""
 
 import json
 import os
@@ -20,7 +21,7 @@ from jaxdistill.data.compositional import normalize_images
 from jaxdistill.evaluate.retrieval import recall_at_k
 from jaxdistill.export.run import export_towers
 from jaxdistill.models.build import build_model, init_params, towers
-from jaxdistill.search import SearchError, load_export, load_index, top_k
+from jaxdistill.search import SearchError, load_export, load_index, sha256, top_k
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_QUERIES = 20
@@ -126,6 +127,97 @@ def test_clear_errors(setup, tmp_path):
     f.write(" ")
   with pytest.raises(SearchError, match="tokenizer.json is missing or differs from its checksum"):
     load_export(str(tampered))
+
+
+def _one_error_line(*args) -> str:
+  """The single `error: ...` line of a search run that must fail with exit status 2."""
+  code, out, err = _search(*args)
+  lines = [line for line in err.splitlines() if line.strip()]
+  assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+  assert out == ""
+  return lines[0]
+
+
+def _rewrite_manifest(export_dir, edit) -> None:
+  path = os.path.join(export_dir, "manifest.json")
+  with open(path) as f:
+    manifest = json.load(f)
+  edit(manifest)
+  with open(path, "w") as f:
+    json.dump(manifest, f)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--k=-3", "a bag"], "--k=-3 must be at least 1"),
+    (["--k=0", "a bag"], "--k=0 must be at least 1"),
+    ([""], "query 1 is empty"),
+    (["a bag", "   "], "query 2 is empty"),
+])
+def test_bad_query_arguments(setup, tmp_path, args, needle):
+  export_dir = setup[0]
+  line = _one_error_line("query", f"--export_dir={export_dir}", f"--index={tmp_path / 'i.npz'}",
+                         *args)
+  assert needle in line
+
+
+def test_truncated_index(setup, tmp_path):
+  export_dir, image_dir, _, _, _ = setup
+  index = tmp_path / "index.npz"
+  assert _search("index", f"--export_dir={export_dir}", f"--images={image_dir}",
+                 f"--index={index}")[0] == 0
+  data = index.read_bytes()
+  index.write_bytes(data[:len(data) // 2])
+  line = _one_error_line("query", f"--export_dir={export_dir}", f"--index={index}", "a bag")
+  assert f"index {index} is not a readable index" in line and "rebuild it" in line
+
+
+@pytest.mark.parametrize("cut", [False, True])
+def test_tflite_that_is_not_a_flatbuffer(setup, tmp_path, cut):
+  """A model file whose checksum matches the manifest but which LiteRT cannot read: overwritten
+  with other bytes, or truncated."""
+  export = tmp_path / "export"
+  shutil.copytree(setup[0], export)
+  model = export / "text_encoder.tflite"
+  data = model.read_bytes()
+  model.write_bytes(data[:len(data) // 3] if cut else b"\x00not a flatbuffer" * 64)
+  _rewrite_manifest(export, lambda m: m["files"]["text_encoder.tflite"].update(
+      sha256=sha256(str(model))))
+  line = _one_error_line("query", f"--export_dir={export}", f"--index={tmp_path / 'i.npz'}",
+                         "a bag")
+  assert f"{model} is not a TFLite model" in line and "re-export" in line
+
+
+def _drop(*key):
+  def edit(manifest):
+    node = manifest
+    for part in key[:-1]:
+      node = node[part]
+    del node[key[-1]]
+  return edit
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (_drop("files"), "has no files:"),
+    (_drop("text_encoder", "max_len"), "has no text_encoder.max_len:"),
+    (_drop("image_encoder", "normalization"), "has no image_encoder.normalization.scale:"),
+    (_drop("image_encoder", "inputs", 0), "has no image_encoder.inputs[0].name:"),
+    (_drop("files", "tokenizer.json"), "has no files.tokenizer.json.sha256:"),
+])
+def test_manifest_missing_keys(setup, tmp_path, edit, needle):
+  export = tmp_path / "export"
+  shutil.copytree(setup[0], export)
+  _rewrite_manifest(export, edit)
+  with pytest.raises(SearchError, match="it is not a complete export manifest; re-export") as info:
+    load_export(str(export))
+  assert needle in str(info.value)
+
+
+def test_manifest_missing_key_on_the_command_line(setup, tmp_path):
+  export = tmp_path / "export"
+  shutil.copytree(setup[0], export)
+  _rewrite_manifest(export, _drop("image_encoder", "file"))
+  line = _one_error_line("query", f"--export_dir={export}", f"--index={tmp_path / 'i.npz'}", "x")
+  assert "manifest.json has no image_encoder.file" in line
 
 
 def test_index_from_another_model_is_refused(setup, tmp_path):

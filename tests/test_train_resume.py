@@ -62,5 +62,7 @@ def test_kill_resume_matches_uninterrupted(tmp_path):
   assert "resumed from" in finish.stdout
   got = logged_losses(resumed)
   assert sorted(got) == sorted(expected)
+  steps = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+  assert steps == list(range(1, STEPS + 1))   # the replayed steps were logged once
   for step in expected:
     assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), step

@@ -151,7 +151,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     warmup_steps, warmup_step = recipe.warmup[0], compile_step(recipe.warmup[1])
   student = towers(recipe.modules[STUDENT].model)
   # --- loop ---
-  writer = MetricsWriter(workdir)
+  writer = MetricsWriter(workdir, start)
   progress = Progress(config.train.num_steps, config.batch_size, start)
   preemption = Preemption()
   t_loop = time.time()

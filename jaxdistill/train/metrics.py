@@ -7,16 +7,26 @@ import os
 
 import numpy as np
 
+from jaxdistill.atomic import atomic_open
+
 
 class MetricsWriter:
   """Appends one JSON object per logged step to `<workdir>/metrics.jsonl` and mirrors the
-  scalars to TensorBoard event files in `<workdir>/tensorboard/`."""
+  scalars to TensorBoard event files in `<workdir>/tensorboard/`.
 
-  def __init__(self, workdir: str):
+  `start_step`: the step the run starts from (the restored checkpoint's, 0 when fresh). Lines of
+  later steps, logged before the run was stopped and about to be replayed, are dropped from
+  metrics.jsonl, and TensorBoard is told to discard its events from step start_step + 1 on, so
+  each step appears once."""
+
+  def __init__(self, workdir: str, start_step: int):
     from tensorboardX import SummaryWriter  # imported here: only the training process needs it
     os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
-    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    path = os.path.join(workdir, "metrics.jsonl")
+    if os.path.exists(path):
+      _keep_steps_up_to(path, start_step)
+    self._jsonl = open(path, "a", buffering=1)
+    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1)
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     clean = {k: float(np.asarray(v)) for k, v in scalars.items()}
@@ -27,6 +37,21 @@ class MetricsWriter:
   def close(self) -> None:
     self._jsonl.close()
     self._tb.close()
+
+
+def _keep_steps_up_to(path: str, step: int) -> None:
+  """Rewrites metrics.jsonl (atomically) with only its lines of steps <= `step`; a line cut short
+  when the run was killed is dropped too."""
+  with open(path) as f:
+    lines = f.readlines()
+  with atomic_open(path, "w") as f:
+    for line in lines:
+      try:
+        keep = json.loads(line)["step"] <= step
+      except (ValueError, KeyError, TypeError):
+        keep = False
+      if keep:
+        f.write(line.rstrip("\n") + "\n")
 
 
 class SkipCounter:

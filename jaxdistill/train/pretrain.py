@@ -54,7 +54,7 @@ def pretrain_and_probe(config: ml_collections.ConfigDict, workdir: str,
   write_json_atomic(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
   train_step = make_train_step(recipe.loss_fn, built["tx"], dict(recipe.ema), built["trainable"],
                                shardings)
-  writer = MetricsWriter(workdir)
+  writer = MetricsWriter(workdir, start)
   progress = Progress(config.train.num_steps, config.batch_size, start)
   preemption = Preemption()
   t_loop, t_first, first_logged = time.time(), None, None
