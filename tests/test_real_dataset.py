@@ -157,3 +157,10 @@ def test_unpaired_images_and_texts_zipped_with_state(tmp_path):
   config.data.unpaired_texts = ""
   with pytest.raises(DataError, match="unpaired_texts"):
     data.train_dataset(config, "unpaired", process_index=0, process_count=1)
+
+
+def test_config_validation_knows_every_dataset():
+  """config.validate's list of data.name values is the one prepare_data dispatches on."""
+  from jaxdistill.config import DATA_NAMES
+  from jaxdistill.data.datasets import NAMES
+  assert DATA_NAMES == NAMES
