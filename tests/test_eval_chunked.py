@@ -167,7 +167,12 @@ def test_write_eval_results_puts_clip_benchmark_json_beside(tmp_path):
              "dual": recall_at_k(_HAND_SIM, _HAND_C2I), "step": 8}
   write_eval_results(str(tmp_path), "eval_val.json", results, config, step=8)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["clip_benchmark_val.json", "eval_val.json"]
-  assert json.loads((tmp_path / "eval_val.json").read_text()) == results
+  written = json.loads((tmp_path / "eval_val.json").read_text())
+  origin = written.pop("provenance")
+  assert written == results
+  assert origin["step"] == 8 and origin["checkpoint"] == f"{tmp_path}/checkpoints/8"
+  assert origin["data"]["seed"] == config.data.seed and len(origin["config_sha256"]) == 64
+  assert origin["jaxdistill_version"] and "git_commit" in origin
   clip = json.loads((tmp_path / "clip_benchmark_val.json").read_text())
   assert clip["dataset"] == "jaxdistill/compositional_val"
   assert clip["model"] == "dual:vit+transformer"

@@ -8,7 +8,10 @@ query block of at most `config.eval.block_elements` scores at a time."""
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import os
+import subprocess
 import time
 
 import jax
@@ -123,16 +126,38 @@ def evaluate_and_report(towers: Towers, params, split: EvalSplit, config: ml_col
   return results
 
 
+def provenance(workdir: str, config: ml_collections.ConfigDict, step: int) -> dict:
+  """What produced a results file: the checkpoint (abs path, step), the data settings (the
+  benchmark's seed and generator sizes, or the real dataset's paths), the sha256 of the whole
+  config, the jaxdistill version and the git commit of its source tree when it is a checkout."""
+  config_json = config.to_json_best_effort(sort_keys=True)
+  try:
+    version = importlib.metadata.version("jaxdistill")
+  except importlib.metadata.PackageNotFoundError:
+    version = None
+  try:
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(__file__),
+                            capture_output=True, text=True, timeout=10).stdout.strip() or None
+  except (OSError, subprocess.SubprocessError):
+    commit = None
+  return {"checkpoint": os.path.join(os.path.abspath(workdir), "checkpoints", str(step)),
+          "step": step, "data": config.data.to_dict(),
+          "config_sha256": hashlib.sha256(config_json.encode()).hexdigest(),
+          "jaxdistill_version": version, "git_commit": commit}
+
+
 def write_eval_results(workdir: str, name: str, results: dict, config: ml_collections.ConfigDict,
                        step: int) -> None:
-  """Writes `results` to <workdir>/<name> (eval.json, eval_<split>.json) and its "dual" recalls in
+  """Writes `results` with their `provenance` to <workdir>/<name> (eval.json, eval_<split>.json)
+  and its "dual" recalls in
   CLIP_benchmark's retrieval format to <workdir>/clip_benchmark<suffix>.json beside it (suffix:
   name's after "eval"), both atomically. CLIP_benchmark fields: dataset
   "jaxdistill/<dataset>_<split>" (compositional_test, coco_test, ...), model "<model.kind>:<image_tower>+<text_tower>",
   pretrained "<abs workdir>@step<step>"."""
   if not (name.startswith("eval") and name.endswith(".json")):
     raise ValueError(f"evaluation results go to eval*.json, got {name!r}")
-  write_json_atomic(os.path.join(workdir, name), results)
+  write_json_atomic(os.path.join(workdir, name),
+                    {**results, "provenance": provenance(workdir, config, step)})
   m = config.model
   clip = clip_benchmark_result(
       results["dual"], dataset=f"jaxdistill/{results['dataset']}",
