@@ -85,11 +85,16 @@ class LazyImages:
     if isinstance(index, (int, np.integer)):
       return self._row(int(index) % len(self))
     rows = np.arange(len(self))[index]
-    rows = rows.reshape(-1)
-    decoded = list(self._pool.map(self._row, rows.tolist()) if self._pool
-                   else map(self._row, rows.tolist()))
+    flat = rows.reshape(-1).tolist()
+    decoded = list(self._pool.map(self._row, flat) if self._pool else map(self._row, flat))
     out = np.stack(decoded) if decoded else np.zeros((0, *self.shape[1:]), np.float32)
-    return out.reshape(*np.shape(np.arange(len(self))[index]), *self.shape[1:])
+    return out.reshape(*rows.shape, *self.shape[1:])
+
+
+def _is_shards(path: str) -> bool:
+  """Whether an unpaired corpus path names webdataset shards (a .tar, a brace or glob pattern)
+  rather than an image folder or a text file."""
+  return path.endswith(".tar") or "{" in path or "*" in path
 
 
 def image_spec(config: ml_collections.ConfigDict) -> ImageSpec:
@@ -204,8 +209,7 @@ class RealData(Vocabulary):
   def num_train(self, split: str) -> int:
     if split == UNPAIRED:   # an epoch: one pass over the unpaired images
       path = self.config.data.unpaired_images
-      return (count_samples(list_shards(path)) if path.endswith(".tar") or "{" in path
-              or "*" in path else len(ImageFolder(path)))
+      return count_samples(list_shards(path)) if _is_shards(path) else len(ImageFolder(path))
     if self.name == "webdataset":
       return count_samples(list_shards(self._shards(self._resolve(split))))
     return len(self.source(split))
@@ -255,7 +259,7 @@ class RealData(Vocabulary):
     for fields, path, corpus in (("image", d.unpaired_images, ImageFolder),
                                  ("text", d.unpaired_texts, TextCorpus)):
       kwargs = dict(common, transform=dataclasses.replace(common["transform"], fields=fields))
-      if path.endswith(".tar") or "{" in path or "*" in path:
+      if _is_shards(path):
         streams[fields] = pipeline.stream_train_dataset(path, **kwargs)
       else:
         streams[fields] = pipeline.train_dataset(corpus(path), **kwargs)
