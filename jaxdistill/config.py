@@ -141,6 +141,11 @@ def base_config(preset: str = "cpu") -> ml_collections.ConfigDict:
   t.checkpoint_every = 2 if tiny else 200
   t.max_checkpoints = 2
   t.eval_every = 0               # 0 = evaluate only at the end
+  # Microbatches per step, gradients accumulated through an embedding cache (train/accumulate.py,
+  # GradCache): the loss and gradients of the whole batch_size, at one microbatch's activation
+  # memory. 1 = off; > 1 only for recipes whose loss reads embeddings (methods/<recipe>.py
+  # ACCUMULATES).
+  t.accum_steps = 1
 
   e = c.eval = ml_collections.ConfigDict()
   e.split = "test"
@@ -267,6 +272,23 @@ def sharding_rules(config: ml_collections.ConfigDict) -> tuple:
   return keep + tuple(tuple(rule) for rule in config.sharding.rules)
 
 
+def _validate_accumulation(config, num_devices: int) -> None:
+  """config.train.accum_steps: >= 1, and the microbatches batch_size / accum_steps a multiple of
+  the devices (each microbatch is sharded over all). Whether the recipe can accumulate at all is
+  methods/__init__.py's check."""
+  accum, b = config.train.get("accum_steps", 1), config.batch_size
+  if not isinstance(accum, int) or accum < 1:
+    raise ConfigError(f"--config.train.accum_steps={accum!r} must be a positive integer "
+                      "(1 = no gradient accumulation)")
+  if accum == 1:
+    return
+  if b % (accum * num_devices):
+    fits = [d for d in range(1, b // num_devices + 1) if b % (d * num_devices) == 0]
+    raise ConfigError(f"--config.train.accum_steps={accum} must split --config.batch_size={b} into "
+                      f"microbatches of a multiple of the {num_devices} devices: use one of "
+                      f"{', '.join(map(str, fits))}, or change --config.batch_size")
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int, mode: str = "train") -> None:
   """Checks a config for `--mode=mode` against the device count before anything is compiled."""
   _validate_mesh(config, num_devices)
@@ -291,6 +313,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, mode: str = "t
   for key in ("num_steps", "log_every", "checkpoint_every"):
     if config.train[key] <= 0:
       raise ConfigError(f"--config.train.{key}={config.train[key]} must be positive")
+  if mode in ("train", "pretrain_image"):
+    _validate_accumulation(config, num_devices)
   if config.eval.get("block_elements", 1) < 1:
     raise ConfigError(f"--config.eval.block_elements={config.eval.block_elements} must be positive "
                       "(scores per query block of the retrieval metrics, e.g. 4194304)")

@@ -2,7 +2,9 @@
 
 Each recipe module has `build(config, mesh, data, steps_per_epoch) -> Recipe` (methods/base.py),
 `teacher_names(config)` (the config.teachers sections it reads) and may have
-`validate(config)` (its own section's checks). Only `jaxdistill.main` imports this package.
+`validate(config)` (its own section's checks) and `ACCUMULATES = True` when its loss reads the
+batch through per-example embeddings, so config.train.accum_steps > 1 can accumulate it
+(train/accumulate.py). Only `jaxdistill.main` imports this package.
 A config with a `pipeline` section (configs/leaner_faster.py) is a chain of such runs:
 `validate` and `train` hand it to train/pipeline.py with the single-run functions below.
 Self-supervised image pretraining (`dino.py`, configs/ssl_vit.py) is no retrieval recipe: it
@@ -36,12 +38,27 @@ def validate(config) -> None:
   when its turn comes)."""
   from jaxdistill.train import pipeline
   if pipeline.is_pipeline(config):
+    _require_accumulation(config, None)   # Leaner-and-Faster's stages: distillation, no InfoNCE
     pipeline.validate_pipeline(config, RECIPES)
     return
   module = recipe_module(config)
+  _require_accumulation(config, module)
   if hasattr(module, "validate"):
     module.validate(config)
   validate_teachers(config, module.teacher_names(config))
+
+
+def _require_accumulation(config, module) -> None:
+  """config.train.accum_steps > 1 only for a recipe whose module says ACCUMULATES (module None:
+  a pipeline, whose stages do not)."""
+  accum = config.train.get("accum_steps", 1)
+  if accum > 1 and not getattr(module, "ACCUMULATES", False):
+    able = [r for r in RECIPES if getattr(importlib.import_module(f"jaxdistill.methods.{r}"),
+                                          "ACCUMULATES", False)]
+    raise ConfigError(f"--config.train.accum_steps={accum}: the {config.method} recipe's loss needs "
+                      "more than per-example embeddings of the whole batch, so it cannot "
+                      f"accumulate: set --config.train.accum_steps=1 (recipes that can: "
+                      f"{', '.join(able)})")
 
 
 def build(config, mesh, data, steps_per_epoch: int):
@@ -68,5 +85,6 @@ def pretrain_image(config, workdir: str):
     raise ConfigError(f"--mode=pretrain_image: --config.method={config.get('method')!r} is no "
                       f"image pretraining recipe: use one of {', '.join(IMAGE_RECIPES)} "
                       "(--config=configs/ssl_vit.py)")
+  _require_accumulation(config, dino)
   dino.validate(config)
   return pretrain_and_probe(config, workdir, dino.build)

@@ -17,6 +17,7 @@ import numpy as np
 from jaxdistill.config import ConfigError
 from jaxdistill.models.build import Towers, build_model, init_params
 from jaxdistill.store.run import STUDENT  # noqa: F401  (recipes name their student module so)
+from jaxdistill.train.accumulate import AccumulableLoss
 
 # loss_fn(params {module: tree}, frozen {name: tree, "ema": {module: tree}}, extra, batch,
 #         rng [2] uint32, step int32 []) -> (loss [], metrics {name: []}, extra)
@@ -35,7 +36,11 @@ class Recipe:
   """A paper recipe on the training contract.
 
   modules: {name: Module}, the trainable networks; "student" is the one evaluated and exported.
-  loss_fn: see LossFn.
+  loss_fn: see LossFn. A loss that reads the batch only through per-example embeddings may be
+    an `AccumulableLoss` (train/accumulate.py, built with `accumulable` below): with
+    config.train.accum_steps > 1 the step then accumulates the whole batch's gradient over
+    microbatches through an embedding cache (dual; LoopITR's ITC warm-up). Other losses are
+    plain functions and their recipes refuse accum_steps > 1 (no ACCUMULATES in the module).
   frozen: {name: tree} of device-placeable arrays the loss reads but never differentiates:
     teachers' params by their config.teachers name, recipe data (CPRD's train images or
     similarity bank). The trainer shards them with the config.sharding rules (paths
@@ -45,7 +50,8 @@ class Recipe:
   init_extra: () -> the carry's initial value (e.g. feature queues), or None for {}.
   warmup: (steps, loss_fn) or None: the loss of the first `steps` steps, compiled as its own
     step, so a warm-up that uses part of the objective skips the work of the rest (LoopITR's
-    ITC-only warm-up runs no cross encoder); `loss_fn` from step `steps` on.
+    ITC-only warm-up runs no cross encoder); `loss_fn` from step `steps` on. It may be an
+    AccumulableLoss whatever `loss_fn` is.
   batch_features: {teacher name: teacher cache directory} of cached teachers (kind "cache"):
     the trainer adds their features of each example to the batch as <name>_image_emb [B, E],
     <name>_text_emb [B, E], <name>_valid [B] (teachers/cache.py add_cached_features).
@@ -94,6 +100,13 @@ def embed_pair(config, student: Towers, params, batch, rng: jax.Array) -> PairEm
   text, text_tokens = student.embed_text(params, batch["text_ids"], batch["text_mask"],
                                          rngs=dropout_rngs(config, rng, 1))
   return PairEmbedding(image, image_tokens, text, text_tokens, student.temperature(params))
+
+
+def accumulable(config, embed: Callable, loss_from_embeddings: Callable) -> AccumulableLoss:
+  """The LossFn loss_from_embeddings(params, frozen, extra, embed(params, frozen, batch, rng),
+  batch, rng, step), accumulated over config.train.accum_steps microbatches by the step
+  (train/accumulate.py: `embed` maps a batch to per-example embeddings [b, ...])."""
+  return AccumulableLoss(embed, loss_from_embeddings, int(config.train.get("accum_steps", 1)))
 
 
 def student_module(config) -> Module:

@@ -20,9 +20,14 @@ from jax.sharding import Mesh
 
 from jaxdistill.data.negatives import MISSING, is_negative
 from jaxdistill.losses.contrastive import contrastive_loss
-from jaxdistill.methods.base import STUDENT, Recipe, dropout_rngs, embed_pair, student_module
+from jaxdistill.methods.base import (STUDENT, Recipe, accumulable, dropout_rngs, embed_pair,
+                                    student_module)
 from jaxdistill.models.build import towers as towers_of
 from jaxdistill.parallel.gather import gathered_similarity_logits
+
+
+# config.train.accum_steps > 1: its loss reads the batch through the student's embeddings.
+ACCUMULATES = True
 
 
 def _mined_logits(queries: jax.Array, mined: jax.Array, mined_owner: jax.Array,
@@ -34,7 +39,10 @@ def _mined_logits(queries: jax.Array, mined: jax.Array, mined_owner: jax.Array,
 
 
 def make_loss_fn(config: ml_collections.ConfigDict, model, mesh: Mesh):
-  """loss_fn(params, frozen, extra, batch, rng, step) -> (loss, metrics, extra).
+  """loss_fn(params, frozen, extra, batch, rng, step) -> (loss, metrics, extra), an
+  AccumulableLoss (train/accumulate.py): the loss reads the batch through the student's
+  embeddings of its images, captions and mined negatives, so config.train.accum_steps > 1
+  accumulates it over microbatches with all B (+ B*k mined) candidates in every row.
 
   batch: image [B,H,W,C], text_ids / text_mask [B,L], image_id [B]; with k > 0 also (from the
   bank, data/pipeline.py) neg_text_ids / neg_text_mask [B,k,L], neg_text_owner [B,k],
@@ -42,20 +50,31 @@ def make_loss_fn(config: ml_collections.ConfigDict, model, mesh: Mesh):
   k = config.dual.hard_negatives
   student = towers_of(model)
 
-  def loss_fn(params, frozen, extra, batch, rng, step):
-    del frozen, step
+  def embed(params, frozen, batch, rng):
+    """{"image", "text": [b, E]; with k > 0 "neg_text", "neg_image": [b, k, E]}."""
+    del frozen
     params = params[STUDENT]
-    img, _, txt, _, tau = embed_pair(config, student, params, batch, rng)
+    img, _, txt, _, _ = embed_pair(config, student, params, batch, rng)
+    out = {"image": img, "text": txt}
+    if k > 0:
+      b, length = batch["text_ids"].shape
+      out["neg_text"] = student.embed_text(params, batch["neg_text_ids"].reshape(b * k, length),
+                                           batch["neg_text_mask"].reshape(b * k, length),
+                                           rngs=dropout_rngs(config, rng, 2))[0].reshape(b, k, -1)
+      out["neg_image"] = student.embed_image(
+          params, batch["neg_image"].reshape(b * k, *batch["neg_image"].shape[2:]),
+          rngs=dropout_rngs(config, rng, 3))[0].reshape(b, k, -1)
+    return out
+
+  def loss_from_embeddings(params, frozen, extra, emb, batch, rng, step):
+    del frozen, rng, step
+    img, txt = emb["image"], emb["text"]
+    tau = student.temperature(params[STUDENT])
     i2t, t2i = gathered_similarity_logits(mesh, img, txt, tau)       # [B, B] each, eq. 2
     parts = {}
     if k > 0:
-      b, length = batch["text_ids"].shape
-      neg_txt = student.embed_text(params, batch["neg_text_ids"].reshape(b * k, length),
-                                   batch["neg_text_mask"].reshape(b * k, length),
-                                   rngs=dropout_rngs(config, rng, 2))[0]
-      neg_img = student.embed_image(
-          params, batch["neg_image"].reshape(b * k, *batch["neg_image"].shape[2:]),
-          rngs=dropout_rngs(config, rng, 3))[0]
+      neg_txt = emb["neg_text"].reshape(-1, emb["neg_text"].shape[-1])      # [B*k, E]
+      neg_img = emb["neg_image"].reshape(-1, emb["neg_image"].shape[-1])
       owner = batch["image_id"]
       i2t = jnp.concatenate(
           [i2t, _mined_logits(img, neg_txt, batch["neg_text_owner"].reshape(-1), owner, tau)], 1)
@@ -66,7 +85,7 @@ def make_loss_fn(config: ml_collections.ConfigDict, model, mesh: Mesh):
     parts.update(itc_parts, itc=loss, temperature=tau)
     return loss, parts, extra
 
-  return loss_fn
+  return accumulable(config, embed, loss_from_embeddings)
 
 
 def teacher_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -77,7 +96,8 @@ def teacher_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
 def build(config: ml_collections.ConfigDict, mesh: Mesh, data, steps_per_epoch: int) -> Recipe:
   """The dual-encoder ITC recipe: one module "student" (model.kind = dual), no teacher. Its
   towers may be pretrained architectures started by config.init_from and partly frozen by
-  config.trainable (e.g. configs/lit_teacher.py)."""
+  config.trainable (e.g. configs/lit_teacher.py). Supports config.train.accum_steps (its loss
+  is an AccumulableLoss)."""
   del data, steps_per_epoch
   student = student_module(config)
   return Recipe(name="dual", modules={STUDENT: student},

@@ -29,11 +29,15 @@ from jaxdistill.data.tokenizer import SpecialIds
 from jaxdistill.losses.contrastive import contrastive_loss
 from jaxdistill.losses.distillation import listwise_distillation
 from jaxdistill.losses.matching import itm_loss, mlm_loss
-from jaxdistill.methods.base import STUDENT, Recipe, dropout_rngs, embed_pair, student_module
+from jaxdistill.methods.base import (STUDENT, Recipe, accumulable, dropout_rngs, embed_pair,
+                                    student_module)
 from jaxdistill.models.build import Towers, towers as towers_of
 from jaxdistill.models.loopitr import LoopITRModel
 from jaxdistill.parallel.gather import gathered_similarity_logits
 from jaxdistill.store.run import load_run
+
+
+ACCUMULATES = True   # config.train.accum_steps > 1: its ITC warm-up only (validate below)
 
 
 def choose_negatives(logits: jax.Array, same_item: jax.Array, num: int, mode: str,
@@ -71,18 +75,26 @@ def distill_weight(step: jax.Array, weight: float, warmup_steps: int) -> jax.Arr
 def make_itc_loss_fn(config: ml_collections.ConfigDict, model: LoopITRModel, mesh: Mesh):
   """The ITC-only warm-up's loss (loopitr.itc_only_steps; not in the paper): eq. 2-3 alone, the
   value and gradients the full loss has there (its other terms are weighted 0), without
-  running the cross encoder, MLM or the teacher."""
+  running the cross encoder, MLM or the teacher. An AccumulableLoss (train/accumulate.py): it
+  reads the batch through the two towers' embeddings, so config.train.accum_steps > 1
+  accumulates it over microbatches with every device's whole batch as negatives."""
   student = towers_of(model)
 
-  def loss_fn(params, frozen, extra, batch, rng, step):
-    del frozen, step
-    img_emb, _, txt_emb, _, temperature = embed_pair(config, student, params[STUDENT], batch, rng)
+  def embed(params, frozen, batch, rng):
+    del frozen
+    img_emb, _, txt_emb, _, _ = embed_pair(config, student, params[STUDENT], batch, rng)
+    return {"image": img_emb, "text": txt_emb}
+
+  def loss_from_embeddings(params, frozen, extra, emb, batch, rng, step):
+    del frozen, batch, rng, step
+    img_emb, txt_emb = emb["image"], emb["text"]
+    temperature = student.temperature(params[STUDENT])
     i2t, t2i = gathered_similarity_logits(mesh, img_emb, txt_emb, temperature)
     l_itc, parts = contrastive_loss(i2t, t2i, jnp.arange(img_emb.shape[0]))
     parts.update(itc=l_itc, temperature=temperature)
     return config.loopitr.itc_weight * l_itc, parts, extra
 
-  return loss_fn
+  return accumulable(config, embed, loss_from_embeddings)
 
 
 def make_loss_fn(config: ml_collections.ConfigDict, model: LoopITRModel, mesh: Mesh,
@@ -93,7 +105,9 @@ def make_loss_fn(config: ml_collections.ConfigDict, model: LoopITRModel, mesh: M
   global arrays sharded on the mesh's batch axes. The teacher: online (this forward), the
   momentum EMA frozen["ema"]["student"], or the offline run frozen["offline"] applied with
   `offline` (its towers). special: the tokenizer's special ids (MLM masking). A term whose
-  weight is 0 is not computed: no cross-encoder pairs, negatives or teacher forward for it."""
+  weight is 0 is not computed: no cross-encoder pairs, negatives or teacher forward for it.
+  A plain function, not accumulable (config.train.accum_steps): its in-batch hard negatives,
+  cross encoder and MLM read token outputs of the whole batch at once (`validate`)."""
   lp = config.loopitr
   m = lp.num_negatives
   use_itm, use_mlm = lp.itm_weight != 0, lp.mlm_weight != 0
@@ -243,7 +257,8 @@ def teacher_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
 
 def build(config: ml_collections.ConfigDict, mesh: Mesh, data, steps_per_epoch: int) -> Recipe:
   """The LoopITR recipe: one module "student" (model.kind = loopitr); with teacher=offline, the
-  run named by config.teachers.offline (kind workdir) is read as frozen["offline"]."""
+  run named by config.teachers.offline (kind workdir) is read as frozen["offline"]. Only the
+  ITC warm-up (its `warmup` loss) accumulates over config.train.accum_steps microbatches."""
   student = student_module(config)
   frozen, offline = {}, None
   if config.loopitr.teacher == "offline":
@@ -288,3 +303,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       "LoopITR network; set --config.model.kind=loopitr")
   if not 0.0 < lp.mlm_probability < 1.0:
     raise ConfigError(f"--config.loopitr.mlm_probability={lp.mlm_probability} must be in (0, 1)")
+  accum, steps = config.train.get("accum_steps", 1), config.train.num_steps
+  if accum > 1 and lp.itc_only_steps < steps:
+    raise ConfigError(
+        f"--config.train.accum_steps={accum}: LoopITR accumulates only its ITC warm-up (its hard "
+        "negatives, cross encoder and MLM need the whole batch in one pass): set "
+        f"--config.train.accum_steps=1, or --config.loopitr.itc_only_steps={steps} for a run that "
+        "is all ITC warm-up")

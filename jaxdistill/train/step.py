@@ -9,6 +9,10 @@ masks, random negatives), so a resumed run draws what an uninterrupted one would
 
 Shardings come from one place (parallel/sharding.py rules, applied by the trainer) and are
 given here as in/out shardings; the state is donated. Nothing leaves the device in the step.
+
+A loss that is an `AccumulableLoss` (train/accumulate.py) with steps > 1 (config.train.accum_steps)
+is differentiated in that many microbatches through its embedding cache: the same loss and
+gradients as the whole batch at once, at one microbatch's activation memory.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any, Callable
 import jax
 import optax
 
+from jaxdistill.train.accumulate import AccumulableLoss, accumulated_value_and_grad
 from jaxdistill.train.state import TrainState, ema_update
 
 
@@ -27,7 +32,10 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, ema: di
 
   ema: {module: momentum} of the modules with an EMA copy; trainable: bool tree over params
   (the gradient norm is reported over trainable params); shardings: {"state", "batch",
-  "frozen", "metrics"} NamedSharding trees (parallel/sharding.py)."""
+  "frozen", "metrics"} NamedSharding trees (parallel/sharding.py). loss_fn: an AccumulableLoss
+  with steps > 1 accumulates its gradient over that many microbatches of the batch (the batch's
+  leading dim must divide into them, each a multiple of the batch-sharded devices)."""
+  accumulate = isinstance(loss_fn, AccumulableLoss) and loss_fn.steps > 1
 
   def objective(params, frozen, extra, batch, rng, step):
     loss, metrics, extra = loss_fn(params, frozen, extra, batch, rng, step)
@@ -36,8 +44,12 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, ema: di
   def step_fn(state: TrainState, batch: dict, frozen: dict):
     rng = jax.random.fold_in(state.rng, state.step)
     frozen = dict(frozen, ema=state.ema) if ema else frozen
-    (loss, (metrics, extra)), grads = jax.value_and_grad(objective, has_aux=True)(
-        state.params, frozen, state.extra, batch, rng, state.step)
+    if accumulate:
+      (loss, (metrics, extra)), grads = accumulated_value_and_grad(
+          loss_fn, state.params, frozen, state.extra, batch, rng, state.step, shardings["batch"])
+    else:
+      (loss, (metrics, extra)), grads = jax.value_and_grad(objective, has_aux=True)(
+          state.params, frozen, state.extra, batch, rng, state.step)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_ema = {m: ema_update(state.ema[m], params[m], momentum) for m, momentum in ema.items()}
