@@ -26,8 +26,13 @@ METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum",
 def _read(workdir: str) -> dict:
   with open(os.path.join(workdir, "eval.json")) as f:
     test = json.load(f)
-  if test.get("split", "test") != "test":
-    raise SystemExit(f"{workdir}/eval.json is the {test['split']} split: re-run --mode=eval")
+  if test.get("split", "test") != "test":   # trained with --config.eval.split=val
+    path = os.path.join(workdir, "eval_test.json")
+    if not os.path.isfile(path):
+      raise SystemExit(f"{workdir}/eval.json is the {test['split']} split: run --mode=eval "
+                       "--config.eval.split=test (it writes eval_test.json)")
+    with open(path) as f:
+      test = json.load(f)
   row = {k: test["dual"][k] for k in METRICS}
   row["minutes"] = test.get("train_seconds_this_run", float("nan")) / 60
   val_path = os.path.join(workdir, "eval_val.json")

@@ -30,9 +30,11 @@ def atomic_open(path: str, mode: str = "wb", encoding: str | None = None) -> Ite
       os.fsync(f.fileno())
     os.chmod(tmp_path, 0o644)
     os.replace(tmp_path, path)
-  except BaseException:
+  except BaseException as e:
     if os.path.exists(tmp_path):
       os.remove(tmp_path)
+    if isinstance(e, OSError) and e.filename is None:   # a failed write(): name the file
+      raise OSError(e.errno, e.strerror, path) from e
     raise
   dir_fd = os.open(directory, os.O_RDONLY)
   try:

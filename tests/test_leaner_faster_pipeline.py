@@ -80,6 +80,7 @@ def test_every_stage_keeps_its_eval_and_a_rerun_skips_them(reference):
   assert [s["name"] for s in summary["stages"]] == [
       "teacher_image", "teacher_text", "stage1", "mine_teacher", "student_image",
       "mine_student_image", "student_text"]
+  assert summary["provenance"]["config_sha256"] and summary["provenance"]["step"] is None
   steps = {"teacher_image": 4, "teacher_text": 4, "stage1": 6, "student_image": STAGE2_STEPS,
            "student_text": STAGE2_STEPS}
   for name, step in steps.items():
@@ -149,6 +150,8 @@ def test_hard_negative_index_of_each_stage_is_built_from_the_named_tower(referen
   mine_json = {n: json.loads((workdir / n / "mining" / "mine.json").read_text()) for n in MINE_STAGES}
   assert mine_json["mine_teacher"]["tower_workdir"] == str(workdir / "teacher_text")
   assert mine_json["mine_student_image"]["tower_workdir"] == str(workdir / "student_image")
+  origin = mine_json["mine_student_image"]["provenance"]   # the tower's checkpoint it embedded with
+  assert origin["checkpoint"] == str(workdir / "student_image" / "checkpoints" / str(origin["step"]))
   captions = np.load(workdir / "mine_teacher" / "mining" / "captions.npy")
   np.testing.assert_allclose(captions, _embeddings(workdir / "teacher_text", "text"), atol=1e-5)
   images = np.load(workdir / "mine_student_image" / "mining" / "images.npy")

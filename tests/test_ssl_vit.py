@@ -194,6 +194,7 @@ def test_pretraining_writes_a_checkpoint_metrics_and_the_probe(pretrained):
   assert sorted(os.listdir(workdir / "checkpoints")) == ["4", "6"]
   assert sorted(logged_losses(str(workdir))) == list(range(1, 7))
   assert report["step"] == 6 and os.path.isfile(workdir / "probe.json")
+  assert report["provenance"]["checkpoint"] == str(workdir / "checkpoints" / "6")
   assert {"pixels", "student/cls", "student/cell", "ema_teacher/cls",
           "random_init/cls"} <= set(report["accuracy"])
   assert set(state["params"]) == {"student", "head"} and set(state["ema"]) == {"student", "head"}

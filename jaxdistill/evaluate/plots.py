@@ -189,8 +189,8 @@ def read_eval(workdir: str) -> dict | None:
     try:
       return json.load(f)
     except ValueError as e:
-      raise ValueError(f"{path} is not valid JSON ({e}): re-run the evaluation with --mode=eval "
-                       f"--workdir={workdir}") from e
+      raise ValueError(f"{path} is not valid JSON ({e}): rerun the training command with "
+                       f"--workdir={workdir} (it evaluates the last checkpoint again)") from e
 
 
 def _run_name(workdir: str) -> str:

@@ -8,10 +8,7 @@ query block of at most `config.eval.block_elements` scores at a time."""
 
 from __future__ import annotations
 
-import hashlib
-import importlib.metadata
 import os
-import subprocess
 import time
 
 import jax
@@ -27,6 +24,7 @@ from jaxdistill.evaluate.rerank import rerank_recall
 from jaxdistill.evaluate.retrieval import (DEFAULT_BLOCK_ELEMENTS, EmbeddingScores,
                                            embed_in_batches, recall_at_k)
 from jaxdistill.models.build import Towers
+from jaxdistill.store.provenance import provenance
 
 
 def evaluate_and_report(towers: Towers, params, split: EvalSplit, config: ml_collections.ConfigDict,
@@ -124,26 +122,6 @@ def evaluate_and_report(towers: Towers, params, split: EvalSplit, config: ml_col
     print(format_table({k: v for k, v in results.items() if isinstance(v, dict) and "rsum" in v}),
           flush=True)
   return results
-
-
-def provenance(workdir: str, config: ml_collections.ConfigDict, step: int) -> dict:
-  """What produced a results file: the checkpoint (abs path, step), the data settings (the
-  benchmark's seed and generator sizes, or the real dataset's paths), the sha256 of the whole
-  config, the jaxdistill version and the git commit of its source tree when it is a checkout."""
-  config_json = config.to_json_best_effort(sort_keys=True)
-  try:
-    version = importlib.metadata.version("jaxdistill")
-  except importlib.metadata.PackageNotFoundError:
-    version = None
-  try:
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(__file__),
-                            capture_output=True, text=True, timeout=10).stdout.strip() or None
-  except (OSError, subprocess.SubprocessError):
-    commit = None
-  return {"checkpoint": os.path.join(os.path.abspath(workdir), "checkpoints", str(step)),
-          "step": step, "data": config.data.to_dict(),
-          "config_sha256": hashlib.sha256(config_json.encode()).hexdigest(),
-          "jaxdistill_version": version, "git_commit": commit}
 
 
 def write_eval_results(workdir: str, name: str, results: dict, config: ml_collections.ConfigDict,

@@ -30,6 +30,7 @@ from jaxdistill.mining.exact import exact_top_k, neighbor_recall
 from jaxdistill.mining.scann_index import (META_FILE, Index, build_index, derive_params,
                                            load_index, save_index)
 from jaxdistill.parallel.mesh import make_mesh
+from jaxdistill.store.provenance import provenance
 from jaxdistill.store.run import load_run
 
 
@@ -135,6 +136,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   write_bank(os.path.join(bank_dir, T2I_FILE), caption_key,
              np.where(found >= 0, image_owner[np.maximum(found, 0)], -1), scores)
   report["bank_dir"] = bank_dir
+  report["provenance"] = provenance(mi.tower_workdir, config, step)
   write_json_atomic(os.path.join(out, "mine.json"), report)
   print(f"banks written to {bank_dir} ({I2T_FILE}: {n} images, {T2I_FILE}: {n * per_image} "
         f"captions, {k} negatives each)", flush=True)

@@ -8,6 +8,7 @@ config.trainable (optimiser rules), config.sharding (partition rules), config.in
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -40,7 +41,8 @@ LOGGED = ("loss", "itc", "itm", "mlm", "distill")   # shown on the progress line
 
 
 class Preemption:
-  """Turns SIGTERM into a flag the loop polls after each step (then: save, exit 0)."""
+  """Turns SIGTERM into a flag the loop polls after each step (then: save, exit 0). Outside the
+  loop main.py's handler applies (stop at once, one line, exit 0)."""
 
   def __init__(self):
     self.requested = False
@@ -51,6 +53,12 @@ class Preemption:
 
   def restore(self):
     signal.signal(signal.SIGTERM, self._previous)
+
+
+def remaining_saves(train: ml_collections.ConfigDict, start: int) -> int:
+  """How many checkpoints a run from step `start` writes (every checkpoint_every, and the last)."""
+  last, every = train.num_steps, train.checkpoint_every
+  return last // every - start // every + (last % every != 0) if start < last else 0
 
 
 def build_state(recipe, config: ml_collections.ConfigDict, mesh, batch_spec: Any) -> dict:
@@ -141,6 +149,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     data_iter.set_state(meta["data_iterator"])
     skipped.restore(meta.get("skipped", {}))
   start = int(state.step)
+  checkpointer.require_space(state, saves=remaining_saves(config.train, start))   # now, not later
   write_json_atomic(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
   # --- step ---
   compile_step = lambda loss_fn: make_train_step(loss_fn, built["tx"], dict(recipe.ema),
@@ -181,9 +190,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     checkpointer.wait()
     train_seconds = time.time() - t_loop
   finally:
-    preemption.restore()
     writer.close()
     checkpointer.close()
+    preemption.restore()   # last: a SIGTERM while the final checkpoint is written only sets the flag
+  if preemption.requested:   # arrived after the last step's check; its checkpoint is complete
+    print(f"SIGTERM: saved step {config.train.num_steps} to {checkpointer.directory}; exiting "
+          "before the evaluation (rerun the same command to evaluate)", flush=True)
+    return None
   # --- evaluation ---
   results = evaluate_and_report(student, state.params[STUDENT], data.eval_split(config.eval.split),
                                 config)
@@ -197,18 +210,59 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
 def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """--mode=eval: re-evaluates the latest checkpoint of `workdir` (its network and params only;
-  the recipe and its teachers are not built). Writes eval.json for the test split and
-  eval_<split>.json for another (model selection on val keeps the test result beside it), each
-  with its CLIP_benchmark-format clip_benchmark[_<split>].json (evaluate/run.py)."""
+  the recipe and its teachers are not built). Never replaces the training run's eval.json: writes
+  `eval_name(...)` (eval_<split>.json, with a settings hash when the data or eval settings differ
+  from the run's), each with its CLIP_benchmark-format clip_benchmark_<...>.json (evaluate/run.py).
+  Rerunning the training command re-evaluates into eval.json."""
   run = load_run(workdir)
   data = prepare_data(config, workdir)
   split = config.eval.split
+  differs = settings_differ(run.config, config)
   results = evaluate_and_report(run.towers, run.params, data.eval_split(split), config)
   results["step"] = run.step
-  name = "eval.json" if split == "test" else f"eval_{split}.json"
+  if differs:
+    results["settings_differ_from_training"] = differs
+  name = eval_name(split, config, differs)
   write_eval_results(workdir, name, results, config, run.step)
+  print(f"results: {os.path.join(workdir, name)}", flush=True)
   _write_plots(workdir)
   return results
+
+
+# The sections of a config that decide what an evaluation measured (the model is the checkpoint's).
+_EVAL_SECTIONS = ("data", "eval")
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+  if hasattr(tree, "items"):
+    out = {}
+    for key, value in tree.items():
+      out.update(_flat(value, f"{prefix}{key}."))
+    return out
+  return {prefix[:-1]: tree}
+
+
+def settings_differ(trained: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> dict:
+  """{"data.seed": {"training": 0, "evaluated": 1}, ...}: the data and eval settings (eval.split
+  aside) in which `config` differs from the run's training config."""
+  def settings(c):
+    c = json.loads(c.to_json_best_effort()) if hasattr(c, "to_json_best_effort") else c
+    flat = _flat({s: c.get(s, {}) for s in _EVAL_SECTIONS})
+    flat.pop("eval.split", None)
+    return flat
+  before, after = settings(trained), settings(config)
+  return {k: {"training": before.get(k), "evaluated": after.get(k)}
+          for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)}
+
+
+def eval_name(split: str, config: ml_collections.ConfigDict, differs: dict) -> str:
+  """eval_<split>.json, or eval_<split>_<sha256[:8] of the data and eval settings>.json when they
+  differ from training's (`differs`), so evaluations on other data never share a file."""
+  if not differs:
+    return f"eval_{split}.json"
+  settings = json.loads(config.to_json_best_effort(sort_keys=True))
+  blob = json.dumps({s: settings.get(s) for s in _EVAL_SECTIONS}, sort_keys=True)
+  return f"eval_{split}_{hashlib.sha256(blob.encode()).hexdigest()[:8]}.json"
 
 
 def _write_plots(workdir: str) -> None:

@@ -55,6 +55,7 @@ import ml_collections
 from jaxdistill.atomic import write_json_atomic
 from jaxdistill.config import ConfigError, suggest_key, validate, validate_teachers
 from jaxdistill.data.negatives import I2T_FILE, T2I_FILE
+from jaxdistill.store.provenance import provenance
 from jaxdistill.store.run import load_run_config
 
 KINDS = ("train", "mine")
@@ -383,7 +384,8 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str, train: Callabl
         return None
     write_json_atomic(os.path.join(workdir, SUMMARY_FILE),
                       {"stages": [_summary_entry(config, j, workdir) for j in range(i + 1)]})
-  summary = {"stages": [_summary_entry(config, j, workdir) for j in range(len(stages))]}
+  summary = {"stages": [_summary_entry(config, j, workdir) for j in range(len(stages))],
+             "provenance": provenance(workdir, config, None)}   # each stage's: its eval.json
   write_json_atomic(os.path.join(workdir, SUMMARY_FILE), summary)
   for entry in summary["stages"]:
     if entry["kind"] == "train":

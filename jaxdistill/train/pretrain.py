@@ -26,8 +26,9 @@ from jaxdistill.models.build import towers
 from jaxdistill.parallel.mesh import make_mesh
 from jaxdistill.progress import Progress
 from jaxdistill.store.checkpoint import Checkpointer
+from jaxdistill.store.provenance import provenance
 from jaxdistill.store.run import STUDENT
-from jaxdistill.train.loop import Preemption, build_state, restore_or_init
+from jaxdistill.train.loop import Preemption, build_state, remaining_saves, restore_or_init
 from jaxdistill.train.metrics import MetricsWriter
 from jaxdistill.train.step import make_train_step
 
@@ -51,6 +52,7 @@ def pretrain_and_probe(config: ml_collections.ConfigDict, workdir: str,
   checkpointer = Checkpointer(workdir, config.train.max_checkpoints)
   state, _ = restore_or_init(built, checkpointer)
   start = int(state.step)
+  checkpointer.require_space(state, saves=remaining_saves(config.train, start))
   write_json_atomic(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
   train_step = make_train_step(recipe.loss_fn, built["tx"], dict(recipe.ema), built["trainable"],
                                shardings)
@@ -76,9 +78,13 @@ def pretrain_and_probe(config: ml_collections.ConfigDict, workdir: str,
     checkpointer.wait()
     t_end = time.time()
   finally:
-    preemption.restore()
     writer.close()
     checkpointer.close()
+    preemption.restore()   # last: a SIGTERM while the final checkpoint is written only sets the flag
+  if preemption.requested:
+    print(f"SIGTERM: saved step {config.train.num_steps} to {checkpointer.directory}; exiting "
+          "before the probe (rerun the same command to probe)", flush=True)
+    return None
   timing = {"train_seconds_this_run": t_end - t_loop}
   if first_logged is not None and int(state.step) > first_logged:
     timing["seconds_per_step"] = (t_end - t_first) / (int(state.step) - first_logged)
@@ -87,7 +93,8 @@ def pretrain_and_probe(config: ml_collections.ConfigDict, workdir: str,
     with open(path) as f:
       timing = {k: v for k, v in json.load(f).items() if k in TIMING} or timing
   report = probe_run(config, recipe, state)
-  report.update(timing, step=int(state.step))
+  report.update(timing, step=int(state.step),
+                provenance=provenance(workdir, config, int(state.step)))
   write_json_atomic(path, report)
   print(format_probe(report), flush=True)
   return report
