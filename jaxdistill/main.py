@@ -151,6 +151,24 @@ def main(argv: list[str]) -> None:
   _run(config, _WORKDIR.value, _MODE.value)
 
 
+def initialize_distributed(environ=os.environ) -> None:
+  """jax.distributed.initialize() for --distributed. With JAX_COORDINATOR_ADDRESS,
+  JAX_NUM_PROCESSES and JAX_PROCESS_ID set (launch/local_multiprocess.sh, any hand-made cluster)
+  they are passed explicitly; otherwise jax detects the cluster itself (TPU VM slices, SLURM,
+  Open MPI). On CPU the processes talk through gloo (jax's default CPU collectives)."""
+  import jax
+  if environ.get("JAX_NUM_PROCESSES") or environ.get("JAX_PROCESS_ID"):
+    if not (environ.get("JAX_COORDINATOR_ADDRESS") and environ.get("JAX_NUM_PROCESSES")
+            and environ.get("JAX_PROCESS_ID")):
+      _fail("--distributed with an explicit coordinator needs all three of "
+            "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (launch/)")
+    jax.distributed.initialize(coordinator_address=environ["JAX_COORDINATOR_ADDRESS"],
+                               num_processes=int(environ["JAX_NUM_PROCESSES"]),
+                               process_id=int(environ["JAX_PROCESS_ID"]))
+  else:
+    jax.distributed.initialize()
+
+
 def _run(config, workdir: str, mode: str) -> None:
   from jaxdistill.config import validate
   from jaxdistill.errors import JaxDistillError
@@ -159,7 +177,7 @@ def _run(config, workdir: str, mode: str) -> None:
   quiet_failed_save_noise(logging.get_absl_logger())
   import jax
   if _DISTRIBUTED.value:
-    jax.distributed.initialize()
+    initialize_distributed()
   try:
     validate(config, jax.device_count(), mode)
     if mode == "train":

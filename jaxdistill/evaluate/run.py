@@ -131,9 +131,11 @@ def write_eval_results(workdir: str, name: str, results: dict, config: ml_collec
   CLIP_benchmark's retrieval format to <workdir>/clip_benchmark<suffix>.json beside it (suffix:
   name's after "eval"), both atomically. CLIP_benchmark fields: dataset
   "jaxdistill/<dataset>_<split>" (compositional_test, coco_test, ...), model "<model.kind>:<image_tower>+<text_tower>",
-  pretrained "<abs workdir>@step<step>"."""
+  pretrained "<abs workdir>@step<step>". With several processes only process 0 writes."""
   if not (name.startswith("eval") and name.endswith(".json")):
     raise ValueError(f"evaluation results go to eval*.json, got {name!r}")
+  if jax.process_index() != 0:
+    return
   write_json_atomic(os.path.join(workdir, name),
                     {**results, "provenance": provenance(workdir, config, step)})
   m = config.model

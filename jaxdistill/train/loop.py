@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import jax
 import ml_collections
+import numpy as np
 
 from jaxdistill.atomic import write_json_atomic
 from jaxdistill.config import sharding_rules
@@ -32,7 +33,7 @@ from jaxdistill.store.checkpoint import Checkpointer, abstract_like
 from jaxdistill.store.run import STUDENT, load_run
 from jaxdistill.teachers.cache import FeatureCache, add_cached_features
 from jaxdistill.train.init import apply_init_from
-from jaxdistill.train.metrics import MetricsWriter, SkipCounter
+from jaxdistill.train.metrics import MetricsWriter, NoMetricsWriter, SkipCounter
 from jaxdistill.train.optim import make_optimizer, trainable_mask
 from jaxdistill.train.state import create_train_state
 from jaxdistill.train.step import make_train_step
@@ -42,14 +43,30 @@ LOGGED = ("loss", "itc", "itm", "mlm", "distill")   # shown on the progress line
 
 class Preemption:
   """Turns SIGTERM into a flag the loop polls after each step (then: save, exit 0). Outside the
-  loop main.py's handler applies (stop at once, one line, exit 0)."""
+  loop main.py's handler applies (stop at once, one line, exit 0).
+
+  With several processes each one's flag is its own (SIGTERM may reach them at different steps):
+  `agreed()` is a collective every process calls after the same step; it is True on all of them
+  once any one has been signalled, so all save the same step and stop together."""
 
   def __init__(self):
-    self.requested = False
+    self.requested = False   # this process got SIGTERM
+    self._agreed = False     # some process did (what `agreed()` last found)
     self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     self.requested = True
+
+  def agreed(self) -> bool:
+    """Whether any process has been signalled (one tiny all-gather when there are several; every
+    process must call it after the same step)."""
+    if jax.process_count() == 1:
+      self._agreed = self.requested
+    elif not self._agreed:
+      from jax.experimental import multihost_utils
+      flags = multihost_utils.process_allgather(np.int32(self.requested))
+      self._agreed = bool(np.any(flags))
+    return self._agreed
 
   def restore(self):
     signal.signal(signal.SIGTERM, self._previous)
@@ -142,7 +159,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   data_iter.set_state(first)
   built = build_state(recipe, config, mesh, batch_spec)
   shardings = built["shardings"]
-  frozen = jax.device_put(recipe.frozen, shardings["frozen"])
+  frozen = jax.device_put(_host_copy(recipe.frozen), shardings["frozen"])
   checkpointer = Checkpointer(workdir, config.train.max_checkpoints)
   state, meta = restore_or_init(built, checkpointer)
   if meta is not None:
@@ -150,7 +167,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     skipped.restore(meta.get("skipped", {}))
   start = int(state.step)
   checkpointer.require_space(state, saves=remaining_saves(config.train, start))   # now, not later
-  write_json_atomic(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+  primary = jax.process_index() == 0   # writes the run's shared files; every process saves checkpoints
+  if primary:
+    write_json_atomic(os.path.join(workdir, "config.json"),
+                      json.loads(config.to_json_best_effort()))
   # --- step ---
   compile_step = lambda loss_fn: make_train_step(loss_fn, built["tx"], dict(recipe.ema),
                                                  built["trainable"], shardings)
@@ -160,7 +180,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     warmup_steps, warmup_step = recipe.warmup[0], compile_step(recipe.warmup[1])
   student = towers(recipe.modules[STUDENT].model)
   # --- loop ---
-  writer = MetricsWriter(workdir, start)
+  writer = MetricsWriter(workdir, start) if primary else NoMetricsWriter()
   progress = Progress(config.train.num_steps, config.batch_size, start)
   preemption = Preemption()
   t_loop = time.time()
@@ -172,20 +192,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if step % config.train.log_every == 0 or step == config.train.num_steps:
         scalars = jax.device_get(metrics)
         writer.write(step, {**scalars, **skipped.metrics()})
-        progress.log(step, {**{k: scalars[k] for k in LOGGED if k in scalars},
-                            **skipped.metrics(nonzero=True)})
-      if step % config.train.checkpoint_every == 0 or step == config.train.num_steps \
-          or preemption.requested:
+        if primary:
+          progress.log(step, {**{k: scalars[k] for k in LOGGED if k in scalars},
+                              **skipped.metrics(nonzero=True)})
+      stop = preemption.agreed()
+      if step % config.train.checkpoint_every == 0 or step == config.train.num_steps or stop:
         checkpointer.save(step, state, {"data_iterator": data_iter.get_state(), "step": step,
                                         "skipped": skipped.totals},
-                          wait=preemption.requested)
-      if preemption.requested:
+                          wait=stop)
+      if stop:
         print(f"SIGTERM: saved step {step} to {checkpointer.directory}; exiting", flush=True)
         return None
       if config.train.eval_every and step % config.train.eval_every == 0 \
           and step != config.train.num_steps:
-        results = evaluate_and_report(student, state.params[STUDENT], data.eval_split("val"),
-                                      config)
+        results = evaluate_and_report(student, _local_params(state.params[STUDENT]),
+                                      data.eval_split("val"), config, verbose=primary)
         writer.write(step, {f"val/{k}": v for k, v in results["dual"].items()})
     checkpointer.wait()
     train_seconds = time.time() - t_loop
@@ -193,19 +214,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     writer.close()
     checkpointer.close()
     preemption.restore()   # last: a SIGTERM while the final checkpoint is written only sets the flag
-  if preemption.requested:   # arrived after the last step's check; its checkpoint is complete
+  if preemption.agreed():   # arrived after the last step's check; its checkpoint is complete
     print(f"SIGTERM: saved step {config.train.num_steps} to {checkpointer.directory}; exiting "
           "before the evaluation (rerun the same command to evaluate)", flush=True)
     return None
   # --- evaluation ---
-  results = evaluate_and_report(student, state.params[STUDENT], data.eval_split(config.eval.split),
-                                config)
+  results = evaluate_and_report(student, _local_params(state.params[STUDENT]),
+                                data.eval_split(config.eval.split), config, verbose=primary)
   results["train_seconds_this_run"] = train_seconds
   results["train_items_skipped"] = skipped.totals
   results["step"] = int(state.step)
   write_eval_results(workdir, "eval.json", results, config, results["step"])
   _write_plots(workdir)
   return results
+
+
+def _host_copy(tree: Any) -> Any:
+  """`tree` as it is with one process; with several, its arrays on one process's devices (a
+  teacher's params restored there) as host arrays, which device_put may place on a mesh spanning
+  every process (jax does not move arrays between hosts)."""
+  if jax.process_count() == 1:
+    return tree
+  return jax.tree.map(lambda x: np.asarray(x) if isinstance(x, jax.Array)
+                      and x.is_fully_addressable else x, tree)
+
+
+def _local_params(params: Any) -> Any:
+  """`params` as they are with one process; with several, a full copy on this process's host (the
+  evaluation then runs on each process's own devices, no collective: a process that stops early,
+  e.g. on SIGTERM, leaves the others evaluating; only process 0 writes the results)."""
+  if jax.process_count() == 1:
+    return params
+  from jax.experimental import multihost_utils
+  return multihost_utils.process_allgather(params, tiled=True)
 
 
 def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -51,6 +51,16 @@ class MetricsWriter:
           raise
 
 
+class NoMetricsWriter:
+  """MetricsWriter's stand-in on every process but the first (which alone writes the files)."""
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    del step, scalars
+
+  def close(self) -> None:
+    pass
+
+
 @contextlib.contextmanager
 def _disk_full_names(path: str, action: str):
   try:
