@@ -21,6 +21,8 @@ PRESETS = ("tiny", "cpu", "paper")
 # config.data.name: the bundled benchmark, then data/real/dataset.py NAMES.
 DATA_NAMES = ("fashion_grid", "karpathy_json", "coco", "flickr30k", "tfds", "webdataset")
 EXPORT_QUANTIZATIONS = ("none", "float16", "int8", "int8_full")   # export/tflite.py
+MODEL_DTYPES = ("float32", "bfloat16")          # config.model.dtype: the student's compute dtype
+REMAT_POLICIES = ("none", "full", "dots")       # config.model.remat (models/layers.remat_block)
 
 
 class ConfigError(JaxDistillError, ValueError):
@@ -64,6 +66,12 @@ def _model(preset: str) -> ml_collections.ConfigDict:
   m.bert_type_vocab_size = 2  # bert: token-type rows (0 = none)
   m.bert_layer_norm_eps = 1e-12   # bert: LayerNorm epsilon (HF layer_norm_eps)
   m.bert_hidden_act = "gelu"  # bert: HF hidden_act (models/bert.py ACTIVATIONS)
+  # Memory levers (docs/architecture.md "Memory levers"): the student's computation dtype
+  # (float32 | bfloat16; params, gradients and optimiser state stay float32, embeddings, logits
+  # and losses are float32) and the rematerialisation of each transformer block of its towers
+  # (none | full: recompute the block in the backward pass | dots: keep its weight matmuls).
+  m.dtype = "float32"
+  m.remat = "none"
   if preset == "tiny":
     width, layers, heads, mlp, embed = 32, 1, 2, 64, 32
   elif preset == "cpu":
@@ -305,6 +313,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, mode: str = "t
   if name == "fashion_grid" and (gs < 1 or b % gs):
     raise ConfigError(f"--config.batch_size={b} must be a multiple of --config.data.group_size={gs} "
                       "(batches are made of whole look-alike groups); change one of them")
+  _choice(config.model.get("dtype", "float32"), "model.dtype", MODEL_DTYPES)
+  _choice(config.model.get("remat", "none"), "model.remat", REMAT_POLICIES)
   if config.model.get("image_tower", "vit") == "hf_vit":
     _validate_hf_vit(config.model)
   if config.model.image_size % config.model.patch_size:

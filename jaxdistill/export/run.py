@@ -62,7 +62,7 @@ def restore_student(config: ml_collections.ConfigDict, workdir: str
     raise ExportError(f"{checkpoints} does not exist: --workdir must be a training run's directory "
                       f"(train first: --mode=train --workdir={workdir})")
   try:
-    run = load_run(workdir)
+    run = load_run(workdir, dtype="float32")   # a bfloat16-trained run exports a float32 graph
   except JaxDistillError as e:
     raise ExportError(str(e)) from None
   except Exception as e:  # noqa: BLE001 - orbax / tensorstore raise many types for bad files

@@ -19,6 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdistill.models.layers import remat_block
+
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": lambda x: nn.gelu(x, approximate=False),  # exact erf GELU (torch nn.GELU())
     "gelu_new": lambda x: nn.gelu(x, approximate=True),  # tanh approximation
@@ -106,6 +108,7 @@ class Bert(nn.Module):
   hidden_act: str = "gelu"
   fusion_layer: int | None = None
   dtype: Any = jnp.float32
+  remat: str = "none"   # config.model.remat: each layer (models/layers.remat_block)
 
   @nn.compact
   def __call__(self, ids: jax.Array, mask: jax.Array, token_type_ids: jax.Array | None = None,
@@ -125,10 +128,11 @@ class Bert(nn.Module):
       types = jnp.zeros_like(ids) if token_type_ids is None else token_type_ids
       x = x + embed(self.type_vocab_size, "token_type_embeddings")(types)
     x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="embeddings_ln")(x)
+    layer = remat_block(BertLayer, self.remat)
     for i in range(self.num_layers if stop_layer is None else stop_layer):
       cross = self.fusion_layer is not None and i >= self.fusion_layer
-      x = BertLayer(self.num_heads, self.intermediate_size, self.layer_norm_eps, self.hidden_act,
-                    cross, self.dtype, name=f"layer_{i}")(x, mask, context, context_mask)
+      x = layer(self.num_heads, self.intermediate_size, self.layer_norm_eps, self.hidden_act,
+                cross, self.dtype, name=f"layer_{i}")(x, mask, context, context_mask)
     return x
 
 
@@ -161,6 +165,7 @@ class BertFusion(nn.Module):
   dtype: Any = jnp.float32
   cross_init_std: float = 0.0
   cross_gate: bool = False
+  remat: str = "none"   # config.model.remat: each layer (models/layers.remat_block)
 
   @nn.compact
   def __call__(self, text_tokens: jax.Array, text_mask: jax.Array, image_tokens: jax.Array,
@@ -169,10 +174,11 @@ class BertFusion(nn.Module):
     x = text_tokens
     init = (nn.initializers.normal(self.cross_init_std) if self.cross_init_std > 0
             else nn.linear.default_kernel_init)
+    layer = remat_block(BertLayer, self.remat)
     for i in range(self.num_layers):
-      x = BertLayer(self.num_heads, self.intermediate_size, self.layer_norm_eps, self.hidden_act,
-                    True, self.dtype, init, self.cross_gate, name=f"layer_{i}")(
-                        x, text_mask, image_tokens, None)
+      x = layer(self.num_heads, self.intermediate_size, self.layer_norm_eps, self.hidden_act,
+                True, self.dtype, init, self.cross_gate, name=f"layer_{i}")(
+                    x, text_mask, image_tokens, None)
     return x
 
 
@@ -194,6 +200,7 @@ class BertSingleStream(nn.Module):
   layer_norm_eps: float = 1e-12
   hidden_act: str = "gelu"
   dtype: Any = jnp.float32
+  remat: str = "none"   # config.model.remat: each layer (models/layers.remat_block)
 
   @nn.compact
   def __call__(self, text_tokens: jax.Array, text_mask: jax.Array, image_tokens: jax.Array,
@@ -205,9 +212,10 @@ class BertSingleStream(nn.Module):
     image = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="image_ln")(image)
     x = jnp.concatenate([text_tokens, image.astype(text_tokens.dtype)], axis=1)
     mask = jnp.concatenate([text_mask, jnp.ones(image.shape[:2], text_mask.dtype)], axis=1)
+    layer = remat_block(BertLayer, self.remat)
     for i in range(self.num_layers):
-      x = BertLayer(self.num_heads, self.intermediate_size, self.layer_norm_eps, self.hidden_act,
-                    dtype=self.dtype, name=f"layer_{i}")(x, mask)
+      x = layer(self.num_heads, self.intermediate_size, self.layer_norm_eps, self.hidden_act,
+                dtype=self.dtype, name=f"layer_{i}")(x, mask)
     return x[:, :length]
 
 

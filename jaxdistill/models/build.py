@@ -22,7 +22,7 @@ from jaxdistill.models.dual import DualEncoder
 from jaxdistill.models.image import ImageNetwork, image_only_error
 from jaxdistill.models.layers import Encoder
 from jaxdistill.models.loopitr import DTYPES, LoopITRModel, build_model as build_loopitr
-from jaxdistill.models.towers import image_tower, image_width, text_tower
+from jaxdistill.models.towers import image_tower, image_width, remat, text_tower
 
 KINDS = ("dual", "loopitr", "image")
 
@@ -33,7 +33,9 @@ class ModelConfigError(JaxDistillError, ValueError):
 
 def build_model(mc, dtype: str | None = None) -> nn.Module:
   """The network of `mc.kind` ("dual" | "loopitr" | "image"); dtype: computation dtype (params
-  stay float32), default `mc.dtype` when present, else float32."""
+  stay float32), default `mc.dtype` when present, else float32. `mc.remat` (default "none")
+  rematerialises each transformer block of every tower (models/layers.remat_block); neither
+  setting changes the params tree."""
   kind = mc.get("kind", "dual")
   if kind not in KINDS:
     raise ModelConfigError(f"--config.model.kind={kind!r} is unknown: use one of {', '.join(KINDS)}")
@@ -63,7 +65,7 @@ def shared_encoder(mc, dtype: Any) -> nn.Module | None:
                            f"one width, got {image_width(mc)} and {mc.text_width}: pick towers of "
                            "equal width")
   return Encoder(layers, mc.shared_heads, mc.shared_mlp, dropout_rate=mc.dropout_rate,
-                 dtype=dtype)
+                 dtype=dtype, remat=remat(mc))
 
 
 def init_params(model: nn.Module, mc, key: jax.Array) -> Any:

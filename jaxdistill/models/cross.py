@@ -25,6 +25,7 @@ class CrossEncoder(nn.Module):
   mlp_dim: int
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
+  remat: str = "none"   # config.model.remat: each encoder layer (layers.remat_block)
 
   @nn.compact
   def __call__(self, text_tokens: jax.Array, text_mask: jax.Array, image_tokens: jax.Array,
@@ -36,7 +37,8 @@ class CrossEncoder(nn.Module):
                        f"{text_tokens.shape[-1]} and image width {image_tokens.shape[-1]}: project "
                        "both token sequences to the cross width first")
     return Encoder(self.num_layers, self.num_heads, self.mlp_dim, cross_attention=True,
-                   dropout_rate=self.dropout_rate, dtype=self.dtype, name="encoder")(
+                   dropout_rate=self.dropout_rate, dtype=self.dtype, remat=self.remat,
+                   name="encoder")(
                        text_tokens, text_mask, image_tokens, deterministic=deterministic)
 
 

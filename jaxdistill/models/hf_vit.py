@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdistill.models.bert import activation
+from jaxdistill.models.layers import remat_block
 
 RELATIVE_POSITIONS = ("none", "per_layer", "shared")
 POOLS = ("cls", "mean")
@@ -143,6 +144,7 @@ class PreNormEncoder(nn.Module):
   relative_positions: str = "none"
   window: tuple[int, int] | None = None
   dtype: Any = jnp.float32
+  remat: str = "none"   # config.model.remat: each layer (models/layers.remat_block)
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -153,10 +155,11 @@ class PreNormEncoder(nn.Module):
     if self.relative_positions == "shared":
       shared = RelativePositionBias(self.window, self.num_heads, name="relative_position_bias")()
     per_layer = self.window if self.relative_positions == "per_layer" else None
+    block = remat_block(PreNormBlock, self.remat)
     for i in range(self.num_layers):
-      x = PreNormBlock(self.num_heads, self.mlp_dim, self.activation, self.layer_norm_eps,
-                       self.qkv_bias, self.layer_scale_init, per_layer, self.dtype,
-                       name=f"layer_{i}")(x, mask, shared)
+      x = block(self.num_heads, self.mlp_dim, self.activation, self.layer_norm_eps,
+                self.qkv_bias, self.layer_scale_init, per_layer, self.dtype,
+                name=f"layer_{i}")(x, mask, shared)
     return x
 
 
@@ -189,6 +192,7 @@ class ImageEncoder(nn.Module):
   pooler: str | None = None
   pooler_size: int | None = None
   dtype: Any = jnp.float32
+  remat: str = "none"   # config.model.remat: each layer (models/layers.remat_block)
 
   @nn.compact
   def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -214,7 +218,8 @@ class ImageEncoder(nn.Module):
       x = norm(name="pre_norm")(x)
     x = PreNormEncoder(self.num_layers, self.num_heads, self.mlp_dim, self.activation,
                        self.layer_norm_eps, self.qkv_bias, self.layer_scale_init,
-                       self.relative_positions, grid, self.dtype, name="encoder")(x)
+                       self.relative_positions, grid, self.dtype, self.remat,
+                       name="encoder")(x)
     if self.final_norm:
       x = norm(name="final_norm")(x)
     pooled = x[:, 0] if self.pool == "cls" else x[:, 1:].mean(axis=1)

@@ -7,6 +7,14 @@ as in ViT (Dosovitskiy et al.); the cross-attention sub-layer follows ALBEF's fu
 
 Masks are padding masks over key positions: a position whose mask is 0/False is never
 attended to, so padded tokens cannot change the outputs at real positions.
+
+Rematerialisation (`remat_block`, config.model.remat): every transformer block of a tower (this
+file's TransformerLayer, models/bert.BertLayer, models/hf_vit.PreNormBlock) can be wrapped in
+`nn.remat`, so the backward pass recomputes the block's activations instead of keeping them:
+"none" keeps everything (the default), "full" keeps only each block's input, "dots" keeps the
+outputs of the matmuls with weights (jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+and recomputes attention scores, softmax, LayerNorms and activations. The wrapped block keeps its
+name, so the params tree is the same with any setting (checkpoints load across settings).
 """
 
 from __future__ import annotations
@@ -17,6 +25,23 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from jaxdistill.config import REMAT_POLICIES
+
+_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def remat_block(block: type[nn.Module], remat: str = "none",
+                static_argnums: tuple[int, ...] = ()) -> type[nn.Module]:
+  """`block` itself (remat "none") or `nn.remat(block)` with the policy of `remat` ("full" |
+  "dots"): the one place that turns config.model.remat into a module class. static_argnums:
+  positions of `__call__`'s Python (non-array) arguments, `self` being 0."""
+  if remat == "none":
+    return block
+  if remat not in _POLICIES:
+    raise ValueError(f"--config.model.remat={remat!r} is not valid: use one of "
+                     f"{', '.join(REMAT_POLICIES)}")
+  return nn.remat(block, policy=_POLICIES[remat], static_argnums=static_argnums)
 
 
 def key_padding_mask(key_mask: jax.Array, query_length: int) -> jax.Array:
@@ -98,7 +123,7 @@ class Encoder(nn.Module):
   """num_layers TransformerLayers then a final LayerNorm: [B, L, D] -> [B, L, D].
 
   Arguments of __call__ are those of TransformerLayer; context is used only when
-  cross_attention.
+  cross_attention. remat: config.model.remat, applied to each layer (`remat_block`).
   """
   num_layers: int
   num_heads: int
@@ -106,13 +131,14 @@ class Encoder(nn.Module):
   cross_attention: bool = False
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
+  remat: str = "none"   # rematerialisation of each layer (`remat_block`)
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None,
                context: jax.Array | None = None, context_mask: jax.Array | None = None,
                deterministic: bool = True) -> jax.Array:
+    layer = remat_block(TransformerLayer, self.remat, static_argnums=(5,))   # 5: deterministic
     for i in range(self.num_layers):
-      x = TransformerLayer(self.num_heads, self.mlp_dim, self.cross_attention, self.dropout_rate,
-                           self.dtype, name=f"layer_{i}")(x, mask, context, context_mask,
-                                                          deterministic)
+      x = layer(self.num_heads, self.mlp_dim, self.cross_attention, self.dropout_rate,
+                self.dtype, name=f"layer_{i}")(x, mask, context, context_mask, deterministic)
     return nn.LayerNorm(dtype=self.dtype, name="ln_final")(x)

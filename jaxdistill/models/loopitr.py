@@ -32,10 +32,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from jaxdistill.config import MODEL_DTYPES
 from jaxdistill.models.bert import BertFusion, BertSingleStream, mean_pool
 from jaxdistill.models.cross import CrossEncoder, ITMHead, MLMHead
 from jaxdistill.models.dual import DualEncoder
-from jaxdistill.models.towers import image_tower, image_width, text_tower
+from jaxdistill.models.towers import image_tower, image_width, remat, text_tower
 
 CONFIG_FIELDS = (
     "image_size", "channels", "patch_size", "stem",
@@ -44,7 +45,7 @@ CONFIG_FIELDS = (
     "cross_width", "cross_layers", "cross_heads", "cross_mlp",
     "vocab_size", "max_len", "embed_dim", "image_pool", "temperature_init", "dropout_rate",
 )
-DTYPES = ("float32", "bfloat16")
+DTYPES = MODEL_DTYPES   # config.model.dtype
 CROSS_ENCODERS = ("prenorm", "bert", "single_stream")
 ITM_POOLS = ("cls", "mean")
 
@@ -69,19 +70,20 @@ class LoopITRModel(nn.Module):
     if kind == "prenorm":
       self.image_to_cross = dense(image_width(mc))
       self.cross = CrossEncoder(mc.cross_width, mc.cross_layers, mc.cross_heads, mc.cross_mlp,
-                                dropout_rate=mc.dropout_rate, dtype=self.dtype)
+                                dropout_rate=mc.dropout_rate, dtype=self.dtype, remat=remat(mc))
     elif kind == "bert":
       self.image_to_cross = None
       self.cross = BertFusion(mc.cross_layers, mc.cross_heads, mc.cross_mlp,
                               layer_norm_eps=mc.bert_layer_norm_eps,
                               hidden_act=mc.bert_hidden_act, dtype=self.dtype,
                               cross_init_std=mc.get("cross_init_std", 0.0),
-                              cross_gate=mc.get("cross_gate", False))
+                              cross_gate=mc.get("cross_gate", False), remat=remat(mc))
     elif kind == "single_stream":
       self.image_to_cross = None
       self.cross = BertSingleStream(mc.cross_layers, mc.cross_heads, mc.cross_mlp,
                                     layer_norm_eps=mc.bert_layer_norm_eps,
-                                    hidden_act=mc.bert_hidden_act, dtype=self.dtype)
+                                    hidden_act=mc.bert_hidden_act, dtype=self.dtype,
+                                    remat=remat(mc))
     else:
       raise ValueError(f"--config.model.cross_encoder={kind!r} is not valid: use one of "
                        f"{', '.join(CROSS_ENCODERS)}")

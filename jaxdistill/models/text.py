@@ -26,6 +26,7 @@ class TextEncoder(nn.Module):
   mlp_dim: int
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
+  remat: str = "none"   # config.model.remat: each encoder layer (layers.remat_block)
 
   @nn.compact
   def __call__(self, ids: jax.Array, mask: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -43,6 +44,7 @@ class TextEncoder(nn.Module):
     x = x + position[:, :length].astype(x.dtype)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
     x = Encoder(self.num_layers, self.num_heads, self.mlp_dim, dropout_rate=self.dropout_rate,
-                dtype=self.dtype, name="encoder")(x, mask, deterministic=deterministic)
+                dtype=self.dtype, remat=self.remat, name="encoder")(
+                    x, mask, deterministic=deterministic)
     chex.assert_shape(x, (batch, length, self.hidden_size))
     return x

@@ -19,6 +19,8 @@ the DualEncoder's tower interface (models/dual.py):
   (`adapt_images`) and the tokens are its [CLS] + patch tokens; params {"vit": ...}.
 
 The selector fields fall back to "vit" / "transformer" for configs saved before they existed.
+Every transformer tower gets model.remat (`remat`: each of its blocks, models/layers.remat_block;
+"none" for configs saved before it existed) and the computation dtype it is given.
 """
 
 from __future__ import annotations
@@ -153,6 +155,11 @@ class HFViTTower(nn.Module):
     return self.vit(x)[0]
 
 
+def remat(mc: ml_collections.ConfigDict) -> str:
+  """config.model.remat ("none" | "full" | "dots"; "none" when a saved config lacks it)."""
+  return mc.get("remat", "none")
+
+
 def _floats(value: Any) -> float | tuple[float, ...]:
   """A config's float or per-channel sequence as a hashable module field."""
   return float(value) if np.ndim(value) == 0 else tuple(float(v) for v in value)
@@ -168,7 +175,7 @@ def hf_vit_tower(mc: ml_collections.ConfigDict, dtype: Any = jnp.float32) -> HFV
       qkv_bias=tuple(bool(b) for b in mc.hf_vit_qkv_bias),
       layer_scale_init=mc.hf_vit_layer_scale, absolute_positions=mc.hf_vit_absolute_positions,
       relative_positions=mc.hf_vit_relative_positions, final_norm=mc.hf_vit_final_norm,
-      dtype=dtype)
+      dtype=dtype, remat=remat(mc))
   return HFViTTower(vit, mc.hf_vit_channels, _floats(mc.image_mean), _floats(mc.image_std),
                     _floats(mc.hf_vit_image_mean), _floats(mc.hf_vit_image_std))
 
@@ -178,7 +185,7 @@ def image_tower(mc: ml_collections.ConfigDict, dtype: Any = jnp.float32) -> nn.M
   kind = mc.get("image_tower", "vit")
   if kind == "vit":
     return ViT(mc.patch_size, mc.vision_width, mc.vision_layers, mc.vision_heads, mc.vision_mlp,
-               stem=mc.stem, dropout_rate=mc.dropout_rate, dtype=dtype)
+               stem=mc.stem, dropout_rate=mc.dropout_rate, dtype=dtype, remat=remat(mc))
   if kind == "efficientnet_lite0":
     return EfficientNetTower(EfficientNetLite0(fold_bn=True, dtype=dtype), mc.patch_size,
                              mc.efficientnet_input_size, mc.image_mean, mc.image_std)
@@ -198,11 +205,12 @@ def text_tower(mc: ml_collections.ConfigDict, dtype: Any = jnp.float32) -> nn.Mo
   kind = mc.get("text_tower", "transformer")
   if kind == "transformer":
     return TextEncoder(mc.vocab_size, mc.max_len, mc.text_width, mc.text_layers, mc.text_heads,
-                       mc.text_mlp, dropout_rate=mc.dropout_rate, dtype=dtype)
+                       mc.text_mlp, dropout_rate=mc.dropout_rate, dtype=dtype, remat=remat(mc))
   if kind == "bert":
     return BertTower(Bert(
         mc.vocab_size, mc.text_width, mc.text_layers, mc.text_heads, mc.text_mlp,
         mc.bert_max_positions, type_vocab_size=mc.bert_type_vocab_size,
-        layer_norm_eps=mc.bert_layer_norm_eps, hidden_act=mc.bert_hidden_act, dtype=dtype))
+        layer_norm_eps=mc.bert_layer_norm_eps, hidden_act=mc.bert_hidden_act, dtype=dtype,
+        remat=remat(mc)))
   raise ValueError(f"--config.model.text_tower={kind!r} is not valid: use one of "
                    f"{', '.join(TEXT_TOWERS)}")

@@ -48,6 +48,7 @@ class ViT(nn.Module):
   stem: str = "linear"
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
+  remat: str = "none"   # config.model.remat: each encoder layer (layers.remat_block)
 
   @nn.compact
   def __call__(self, images: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -79,6 +80,6 @@ class ViT(nn.Module):
                         axis=1)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
     x = Encoder(self.num_layers, self.num_heads, self.mlp_dim, dropout_rate=self.dropout_rate,
-                dtype=self.dtype, name="encoder")(x, deterministic=deterministic)
+                dtype=self.dtype, remat=self.remat, name="encoder")(x, deterministic=deterministic)
     chex.assert_shape(x, (batch, 1 + num_patches, self.hidden_size))
     return x

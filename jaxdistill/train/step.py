@@ -25,6 +25,13 @@ import optax
 from jaxdistill.train.accumulate import AccumulableLoss, accumulated_value_and_grad
 from jaxdistill.train.state import TrainState, ema_update
 
+# config.model.remat (models/layers.remat_block) keeps XLA from merging a block's backward-pass
+# recomputation with its forward pass (CSE) by optimization barriers; XLA:CPU strips them before
+# CSE (its cse_barrier_expander pass), which silently undoes the remat. The step keeps them:
+# without remat the step holds no barrier and this changes nothing (docs/architecture.md). Applied
+# on CPU only, where it was measured (benchmarks/memory_levers.py); GPU/TPU are not measured yet.
+CPU_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "cse_barrier_expander"}
+
 
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, ema: dict[str, float],
                     trainable: Any, shardings: dict) -> Callable:
@@ -60,4 +67,5 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, ema: di
                          extra=extra), metrics
 
   return jax.jit(step_fn, in_shardings=(shardings["state"], shardings["batch"], shardings["frozen"]),
-                 out_shardings=(shardings["state"], shardings["metrics"]), donate_argnums=(0,))
+                 out_shardings=(shardings["state"], shardings["metrics"]), donate_argnums=(0,),
+                 compiler_options=CPU_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None)

@@ -1,0 +1,102 @@
+"""XLA's memory of the compiled dual-encoder train step under the memory levers
+(config.model.remat x config.model.dtype), compile only: nothing is allocated or run.
+
+  .venv/bin/python benchmarks/memory_levers.py [--small_batch=32] [--vit_b_batch=8]
+
+Rows: the cpu preset's student (configs/dual.py:cpu) and a ViT-B/16-sized one (224 px RGB,
+16 px patches, 12 x 768 vision layers; CLIP ViT-B/16's 12 x 512 text tower, 77 tokens, 49,408
+ids), each with remat none / full / dots and float32 / bfloat16 compute. The step is the
+trainer's (train/loop.py build_state + train/step.py make_train_step, the dual recipe's loss,
+AdamW) lowered on abstract shapes (jax.eval_shape, ShapeDtypeStruct) on one device and
+compiled; the figures are the compiled step's memory_analysis(): temporaries (activations kept
+for the backward pass and scratch), arguments (state + batch) and outputs (the new state, which
+aliases the donated arguments). They are deterministic for a given jax / XLA version and
+machine type, whatever the machine's load. Prints a markdown table for docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+
+from absl import app, flags
+
+_SMALL_BATCH = flags.DEFINE_integer("small_batch", 32, "Global batch of the cpu-preset rows.")
+_VIT_B_BATCH = flags.DEFINE_integer("vit_b_batch", 8, "Global batch of the ViT-B/16 rows.")
+LEVERS = (("none", "float32"), ("full", "float32"), ("dots", "float32"),
+          ("none", "bfloat16"), ("full", "bfloat16"))
+
+
+def vit_b16_student(config) -> None:
+  """config.model -> a ViT-B/16-sized dual-encoder student (CLIP ViT-B/16's towers)."""
+  m = config.model
+  m.image_size, m.channels, m.patch_size, m.stem, m.image_pool = 224, 3, 16, "linear", "cls"
+  m.vision_width, m.vision_layers, m.vision_heads, m.vision_mlp = 768, 12, 12, 3072
+  m.text_width, m.text_layers, m.text_heads, m.text_mlp = 512, 12, 8, 2048
+  m.vocab_size, m.max_len, m.embed_dim = 49408, 77, 512
+
+
+def step_memory(config) -> dict[str, int]:
+  """Bytes of the compiled train step of `config` (a dual-recipe config) on one device:
+  {"temp", "argument", "output"} from XLA's memory_analysis(), on abstract shapes."""
+  import types
+
+  import jax
+  import jax.numpy as jnp
+  from jaxdistill import methods
+  from jaxdistill.data.tokenizer import SpecialIds
+  from jaxdistill.parallel.mesh import make_mesh
+  from jaxdistill.train.loop import build_state
+  from jaxdistill.train.step import make_train_step
+
+  mesh = make_mesh(devices=jax.devices()[:1])
+  recipe = methods.build(config, mesh, types.SimpleNamespace(special_ids=SpecialIds()),
+                         steps_per_epoch=100)
+  b, mc = config.batch_size, config.model
+  spec = {"image": jax.ShapeDtypeStruct((b, mc.image_size, mc.image_size, mc.channels),
+                                        jnp.float32),
+          "text_ids": jax.ShapeDtypeStruct((b, mc.max_len), jnp.int32),
+          "text_mask": jax.ShapeDtypeStruct((b, mc.max_len), jnp.int32),
+          "image_id": jax.ShapeDtypeStruct((b,), jnp.int32)}
+  built = build_state(recipe, config, mesh, spec)
+  step = make_train_step(recipe.loss_fn, built["tx"], dict(recipe.ema), built["trainable"],
+                         built["shardings"])
+  frozen = jax.eval_shape(lambda: recipe.frozen)
+  memory = step.lower(built["abstract"], spec, frozen).compile().memory_analysis()
+  return {"temp": int(memory.temp_size_in_bytes),
+          "argument": int(memory.argument_size_in_bytes),
+          "output": int(memory.output_size_in_bytes)}
+
+
+def _config(preset: str, batch: int, remat: str, dtype: str):
+  from jaxdistill.config import load_config_file
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  config = load_config_file(os.path.join(repo, "configs", "dual.py:cpu"))
+  if preset == "vit_b16":
+    vit_b16_student(config)
+  config.batch_size, config.model.remat, config.model.dtype = batch, remat, dtype
+  return config
+
+
+def main(argv):
+  del argv
+  import jax
+  rows = []
+  for preset, batch in (("cpu", _SMALL_BATCH.value), ("vit_b16", _VIT_B_BATCH.value)):
+    base = None
+    for remat, dtype in LEVERS:
+      mem = step_memory(_config(preset, batch, remat, dtype))
+      base = base or mem["temp"]
+      rows.append(f"| {preset} | {batch} | {remat} | {dtype} | {mem['temp'] / 2**20:,.1f} | "
+                  f"{mem['temp'] / base:.2f} | {mem['argument'] / 2**20:,.1f} | "
+                  f"{mem['output'] / 2**20:,.1f} |")
+      print(rows[-1], flush=True)
+  print(f"\njax {jax.__version__}, backend {jax.default_backend()}, {platform.machine()}\n")
+  print("| student | batch | remat | compute dtype | temp MiB | temp / none-float32 | "
+        "arguments MiB | outputs MiB |")
+  print("|---|---:|---|---|---:|---:|---:|---:|")
+  print("\n".join(rows))
+
+
+if __name__ == "__main__":
+  app.run(main)
