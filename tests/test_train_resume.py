@@ -15,7 +15,7 @@ import pytest
 from conftest import logged_losses, user_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 16
+STEPS = 12
 KILLS = 5
 
 
