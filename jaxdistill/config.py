@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import os
+from typing import Any
 
 import ml_collections
 from jaxdistill.errors import JaxDistillError
@@ -232,6 +233,13 @@ def suggest_key(config: ml_collections.ConfigDict, dotted: str) -> str:
   return f"did you mean --config.{close[0]}?" if close else "see the config file for valid keys"
 
 
+def flat_dict(tree: Any, prefix: str = "") -> dict[str, Any]:
+  """{"a.b": leaf} of a nested dict (a config as JSON): the dotted keys its settings differ by."""
+  if isinstance(tree, dict):
+    return {k: v for key, sub in tree.items() for k, v in flat_dict(sub, f"{prefix}{key}.").items()}
+  return {prefix[:-1]: tree}
+
+
 def _flat_keys(config, prefix=""):
   for k, v in config.items():
     name = f"{prefix}{k}"
@@ -264,7 +272,7 @@ def validate_teachers(config: ml_collections.ConfigDict, names) -> None:
                         f"{name!r}; add the section (jaxdistill/config.py teacher_section)")
     te, key = config.teachers[name], f"--config.teachers.{name}"
     _choice(te.kind, f"teachers.{name}.kind", TEACHER_KINDS)
-    _choice(te.dtype, f"teachers.{name}.dtype", ("float32", "bfloat16"))
+    _choice(te.dtype, f"teachers.{name}.dtype", MODEL_DTYPES)
     if not te.path:
       raise ConfigError(f"{key}.kind={te.kind} needs {key}.path (the teacher's workdir or "
                         "checkpoint)")

@@ -17,11 +17,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdistill.config import MODEL_DTYPES
 from jaxdistill.errors import JaxDistillError
 from jaxdistill.models.dual import DualEncoder
 from jaxdistill.models.image import ImageNetwork, image_only_error
 from jaxdistill.models.layers import Encoder
-from jaxdistill.models.loopitr import DTYPES, LoopITRModel, build_model as build_loopitr
+from jaxdistill.models.loopitr import LoopITRModel, build_model as build_loopitr
 from jaxdistill.models.towers import image_tower, image_width, remat, text_tower
 
 KINDS = ("dual", "loopitr", "image")
@@ -40,8 +41,9 @@ def build_model(mc, dtype: str | None = None) -> nn.Module:
   if kind not in KINDS:
     raise ModelConfigError(f"--config.model.kind={kind!r} is unknown: use one of {', '.join(KINDS)}")
   dtype = dtype or mc.get("dtype", "float32")
-  if dtype not in DTYPES:
-    raise ModelConfigError(f"model dtype {dtype!r} is not valid: use one of {', '.join(DTYPES)}")
+  if dtype not in MODEL_DTYPES:
+    raise ModelConfigError(f"model dtype {dtype!r} is not valid: use one of "
+                           f"{', '.join(MODEL_DTYPES)}")
   if kind == "loopitr":
     return build_loopitr({**dict(mc), "dtype": dtype})   # its towers: models/towers.py
   d = jnp.dtype(dtype)

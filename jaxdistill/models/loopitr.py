@@ -45,7 +45,6 @@ CONFIG_FIELDS = (
     "cross_width", "cross_layers", "cross_heads", "cross_mlp",
     "vocab_size", "max_len", "embed_dim", "image_pool", "temperature_init", "dropout_rate",
 )
-DTYPES = MODEL_DTYPES   # config.model.dtype
 CROSS_ENCODERS = ("prenorm", "bert", "single_stream")
 ITM_POOLS = ("cls", "mean")
 
@@ -171,7 +170,8 @@ def build_model(model_cfg) -> LoopITRModel:
     raise ValueError(f"model config lacks {', '.join(missing)}: set config.model.{missing[0]} "
                      "(see jaxdistill/config.py for the defaults)")
   dtype = model_cfg.get("dtype", "float32")
-  if dtype not in DTYPES:
-    raise ValueError(f"--config.model.dtype={dtype!r} is not valid: use one of {', '.join(DTYPES)}")
+  if dtype not in MODEL_DTYPES:
+    raise ValueError(f"--config.model.dtype={dtype!r} is not valid: use one of "
+                     f"{', '.join(MODEL_DTYPES)}")
   fields = {k: v for k, v in dict(model_cfg).items() if k != "dtype"}
   return LoopITRModel(ml_collections.FrozenConfigDict(fields), dtype=jnp.dtype(dtype))

@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 
 from jaxdistill.atomic import write_json_atomic
-from jaxdistill.config import sharding_rules
+from jaxdistill.config import flat_dict, sharding_rules
 from jaxdistill.data import pipeline
 from jaxdistill.data.datasets import prepare_data, train_split_name
 from jaxdistill.evaluate.plots import write_plots
@@ -274,21 +274,12 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
 _EVAL_SECTIONS = ("data", "eval")
 
 
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-  if hasattr(tree, "items"):
-    out = {}
-    for key, value in tree.items():
-      out.update(_flat(value, f"{prefix}{key}."))
-    return out
-  return {prefix[:-1]: tree}
-
-
 def settings_differ(trained: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> dict:
   """{"data.seed": {"training": 0, "evaluated": 1}, ...}: the data and eval settings (eval.split
   aside) in which `config` differs from the run's training config."""
   def settings(c):
     c = json.loads(c.to_json_best_effort()) if hasattr(c, "to_json_best_effort") else c
-    flat = _flat({s: c.get(s, {}) for s in _EVAL_SECTIONS})
+    flat = flat_dict({s: c.get(s, {}) for s in _EVAL_SECTIONS})
     flat.pop("eval.split", None)
     return flat
   before, after = settings(trained), settings(config)

@@ -53,7 +53,7 @@ import jax
 import ml_collections
 
 from jaxdistill.atomic import write_json_atomic
-from jaxdistill.config import ConfigError, suggest_key, validate, validate_teachers
+from jaxdistill.config import ConfigError, flat_dict, suggest_key, validate, validate_teachers
 from jaxdistill.data.negatives import I2T_FILE, T2I_FILE
 from jaxdistill.store.provenance import provenance
 from jaxdistill.store.run import load_run_config
@@ -324,12 +324,6 @@ def _summary_entry(config, index: int, workdir: str) -> dict:
   return entry
 
 
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-  if isinstance(tree, dict):
-    return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
-  return {prefix[:-1]: tree}
-
-
 def _check_same_pipeline(current: dict, workdir: str) -> None:
   """A workdir holds one pipeline: its stages are skipped as done by their files alone, so
   resuming with another config would silently mix two pipelines. Raises naming the keys."""
@@ -337,8 +331,8 @@ def _check_same_pipeline(current: dict, workdir: str) -> None:
   if not os.path.isfile(path):
     return
   with open(path) as f:
-    stored = _flat(json.load(f))
-  now = _flat(current)
+    stored = flat_dict(json.load(f))
+  now = flat_dict(current)
   changed = sorted(k for k in stored.keys() | now.keys() if stored.get(k) != now.get(k))
   if changed:
     shown = ", ".join(f"{k} ({stored.get(k)!r} -> {now.get(k)!r})" for k in changed[:4])
