@@ -88,9 +88,10 @@ def _max_diffs(a, b):
   return loss, grads
 
 
-def _full_and_accumulated(loss_fn, params, batch, mesh):
+def _full_and_accumulated(loss_fn, params, batch, mesh, frozen=None):
   """(loss, grads) of the whole batch at once and in loss_fn.steps microbatches, both jitted on
-  `mesh` with the batch sharded over its batch axes."""
+  `mesh` with the batch sharded over its batch axes (`frozen` replicated)."""
+  frozen = jax.device_put(frozen or {}, replicated(mesh))
   rep, rows = replicated(mesh), batch_sharding(mesh)
   shardings = {k: rows for k in batch}
   placed = {k: jax.device_put(v, rows) for k, v in batch.items()}
@@ -98,17 +99,41 @@ def _full_and_accumulated(loss_fn, params, batch, mesh):
 
   def full(p, b):
     (value, _), grads = jax.value_and_grad(
-        lambda q: loss_fn(q, {}, {}, b, rng, step)[:2], has_aux=True)(p)
+        lambda q: loss_fn(q, frozen, {}, b, rng, step)[:2], has_aux=True)(p)
     return value, grads
 
   def accumulated(p, b):
-    (value, _), grads = accumulated_value_and_grad(loss_fn, p, {}, {}, b, rng, step, shardings)
+    (value, _), grads = accumulated_value_and_grad(loss_fn, p, frozen, {}, b, rng, step,
+                                                   shardings)
     return value, grads
 
   params = jax.device_put(params, rep)
   one = jax.device_get(jax.jit(full)(params, placed))
   many = jax.device_get(jax.jit(accumulated)(params, placed))
   return one, many
+
+
+def test_leaner_faster_with_its_teacher_four_microbatches_equal_one_batch():
+  """Leaner-and-Faster's stage 2 (paper 000 §3.2.2: InfoNCE + KD + HN, both towers) in 4
+  microbatches of 32: the teacher's embeddings are computed once per microbatch (features) and
+  the loss and gradients are those of the batch of 128."""
+  stage, k = "stage2", K
+  from jaxdistill.methods import leaner_faster
+  from jaxdistill.models.build import build_model, init_params, towers
+  from jaxdistill.teachers.workdir import from_towers
+  config = _dual_config(accum=MICRO)
+  config.method = "leaner_faster"
+  config.leaner_faster = leaner_faster.section()
+  config.leaner_faster.update(stage=stage, tower="both", hard_negatives=k)
+  model = build_model(config.model)
+  teacher = from_towers("t", towers(model), init_params(model, config.model, jax.random.PRNGKey(1)),
+                        temperature=0.05)
+  loss_fn = leaner_faster.make_loss_fn(config, model, teacher)
+  assert isinstance(loss_fn, AccumulableLoss) and loss_fn.features is not None
+  params = {STUDENT: init_params(model, config.model, jax.random.PRNGKey(0))}
+  one, many = _full_and_accumulated(loss_fn, params, _batch(k), make_mesh(),
+                                    frozen={"teacher": teacher.params})
+  _assert_same(one, many, f"leaner_faster {stage} (k={k}), {MICRO} x {B // MICRO} vs {B}")
 
 
 def _assert_same(one, many, what):
@@ -258,10 +283,10 @@ def test_config_errors():
   assert "1, 2, 4, 8, 16" in message and "--config.batch_size=128" in message
   config.train.accum_steps = 32     # microbatches of 4 rows on 8 devices
   assert "1, 2, 4, 8, 16" in _error(config)
-  for name in ("cprd", "mcad", "unimodal_kd", "leaner_faster"):
+  for name in ("cprd", "mcad", "unimodal_kd"):
     other = recipe_config(name, "tiny")
     other.batch_size, other.train.accum_steps = B, MICRO
-    message = _error(other, recipe_only=True)   # leaner_faster's tiny config: a pipeline
+    message = _error(other, recipe_only=True)
     assert f"the {other.method} recipe's loss" in message
     assert "--config.train.accum_steps=1" in message
   loopitr = _loopitr_config(accum=MICRO)
@@ -271,3 +296,5 @@ def test_config_errors():
   for ok in (_dual_config(accum=MICRO), _dual_config(accum=16), _loopitr_config(accum=MICRO)):
     validate(ok, 8)
     methods.validate(ok)
+  from jaxdistill.methods import leaner_faster      # each pipeline stage's recipe accumulates
+  methods._require_accumulation(recipe_config("leaner_faster", "tiny"), leaner_faster)

@@ -38,7 +38,6 @@ def validate(config) -> None:
   when its turn comes)."""
   from jaxdistill.train import pipeline
   if pipeline.is_pipeline(config):
-    _require_accumulation(config, None)   # Leaner-and-Faster's stages: distillation, no InfoNCE
     pipeline.validate_pipeline(config, RECIPES)
     return
   module = recipe_module(config)
@@ -49,8 +48,7 @@ def validate(config) -> None:
 
 
 def _require_accumulation(config, module) -> None:
-  """config.train.accum_steps > 1 only for a recipe whose module says ACCUMULATES (module None:
-  a pipeline, whose stages do not)."""
+  """config.train.accum_steps > 1 only for a recipe whose module says ACCUMULATES."""
   accum = config.train.get("accum_steps", 1)
   if accum > 1 and not getattr(module, "ACCUMULATES", False):
     able = [r for r in RECIPES if getattr(importlib.import_module(f"jaxdistill.methods.{r}"),

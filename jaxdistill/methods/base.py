@@ -102,11 +102,14 @@ def embed_pair(config, student: Towers, params, batch, rng: jax.Array) -> PairEm
   return PairEmbedding(image, image_tokens, text, text_tokens, student.temperature(params))
 
 
-def accumulable(config, embed: Callable, loss_from_embeddings: Callable) -> AccumulableLoss:
+def accumulable(config, embed: Callable, loss_from_embeddings: Callable,
+                features: Callable | None = None) -> AccumulableLoss:
   """The LossFn loss_from_embeddings(params, frozen, extra, embed(params, frozen, batch, rng),
   batch, rng, step), accumulated over config.train.accum_steps microbatches by the step
-  (train/accumulate.py: `embed` maps a batch to per-example embeddings [b, ...])."""
-  return AccumulableLoss(embed, loss_from_embeddings, int(config.train.get("accum_steps", 1)))
+  (train/accumulate.py: `embed` maps a batch to per-example embeddings [b, ...]; `features`
+  (frozen, batch) -> {name: [b, ...]}: a frozen teacher's outputs, added to the batch once)."""
+  return AccumulableLoss(embed, loss_from_embeddings, int(config.train.get("accum_steps", 1)),
+                         features)
 
 
 def student_module(config) -> Module:

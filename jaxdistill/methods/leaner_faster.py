@@ -20,10 +20,13 @@ runs them); this recipe is the student's part of one run, picked by `leaner_fast
 
 Modules: "student" (config.model, model.kind = dual). Frozen: the teacher's params as
 frozen["teacher"] (config.teachers.teacher: a dual run's workdir), unless stage-1 InfoNCE.
+Every term reads the batch through per-example embeddings, so config.train.accum_steps > 1
+accumulates it (train/accumulate.py; the teacher's embeddings are its `features`).
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
@@ -31,11 +34,12 @@ from jax.sharding import Mesh
 from jaxdistill.config import ConfigError
 from jaxdistill.data.negatives import is_negative
 from jaxdistill.losses import leaner_faster as lf_losses
-from jaxdistill.methods.base import (STUDENT, Recipe, check_teacher_tokenizer, dropout_rngs,
-                                     embed_pair, student_module)
+from jaxdistill.methods.base import (STUDENT, Recipe, accumulable, check_teacher_tokenizer,
+                                     dropout_rngs, embed_pair, student_module)
 from jaxdistill.models.build import towers as towers_of
 from jaxdistill.teachers import load_teacher
 
+ACCUMULATES = True
 TEACHER = "teacher"
 STAGES = ("stage1", "stage2")
 STAGE1_LOSSES = ("contrastive", "mse", "infonce")
@@ -105,7 +109,10 @@ def teacher_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
 
 
 def make_loss_fn(config: ml_collections.ConfigDict, model, teacher):
-  """loss_fn(params, frozen, extra, batch, rng, step) -> (loss, metrics, extra) (methods/base.py).
+  """loss_fn(params, frozen, extra, batch, rng, step) -> (loss, metrics, extra) (methods/base.py),
+  an AccumulableLoss (train/accumulate.py): every term reads the batch through per-example
+  embeddings (the student's, the frozen teacher's as `features`), so config.train.accum_steps > 1
+  accumulates it with the whole batch in every row.
 
   batch: image [B,H,W,C], text_ids / text_mask [B,L], image_id [B]; in stage 2 with k > 0 also
   the bank's neg_text_ids / neg_text_mask [B,k,L], neg_text_owner [B,k], neg_image [B,k,H,W,C],
@@ -116,19 +123,43 @@ def make_loss_fn(config: ml_collections.ConfigDict, model, teacher):
   image_side, text_side = lf.tower in ("image", "both"), lf.tower in ("text", "both")
   teacher_tau = lf.teacher_temperature or (teacher.temperature if teacher is not None else None)
 
-  def loss_fn(params, frozen, extra, batch, rng, step):
-    del step
+  def features(frozen, batch):
+    """The frozen teacher's embeddings teacher_image, teacher_text [b, E]."""
+    return {"teacher_image": teacher.embed_images(frozen[TEACHER], batch["image"]),
+            "teacher_text": teacher.embed_texts(frozen[TEACHER], batch["text_ids"],
+                                                batch["text_mask"])}
+
+  def embed(params, frozen, batch, rng):
+    """{"image", "text": [b, E]; in stage 2 with k > 0 "mined_text" and / or "mined_image"
+    [b, k, E] (the tower being fine-tuned's queries meet the other modality's mined items)}."""
+    del frozen
     p = params[STUDENT]
-    images, ids, mask = batch["image"], batch["text_ids"], batch["text_mask"]
-    img, _, txt, _, tau = embed_pair(config, student, p, batch, rng)
-    tau = jnp.asarray(lf.temperature) if lf.temperature > 0 else tau
+    img, _, txt, _, _ = embed_pair(config, student, p, batch, rng)
+    out = {"image": img, "text": txt}
+    if k > 0:                                                      # §3.2.2 HN
+      b, length = batch["text_ids"].shape
+      if image_side:
+        out["mined_text"] = student.embed_text(
+            p, batch["neg_text_ids"].reshape(b * k, length),
+            batch["neg_text_mask"].reshape(b * k, length),
+            rngs=dropout_rngs(config, rng, 2))[0].reshape(b, k, -1)
+      if text_side:
+        out["mined_image"] = student.embed_image(
+            p, batch["neg_image"].reshape(b * k, *batch["image"].shape[1:]),
+            rngs=dropout_rngs(config, rng, 3))[0].reshape(b, k, -1)
+    return out
+
+  def loss_from_embeddings(params, frozen, extra, emb, batch, rng, step):
+    del frozen, rng, step
+    img, txt = emb["image"], emb["text"]
+    tau = (jnp.asarray(lf.temperature) if lf.temperature > 0
+           else student.temperature(params[STUDENT]))
     metrics = {"temperature": tau}
     if lf.stage == "stage1" and lf.stage1_loss == "infonce":      # Table 2: stage-1_InfoNCE
       loss, parts = lf_losses.infonce_loss(img, txt, tau)
       metrics.update(parts, stage1=loss)
       return loss, metrics, extra
-    t_img = teacher.embed_images(frozen[TEACHER], images)
-    t_txt = teacher.embed_texts(frozen[TEACHER], ids, mask)
+    t_img, t_txt = batch["teacher_image"], batch["teacher_text"]
     if lf.stage == "stage1":                                       # eq. 2 (images), eq. 3 (texts)
       loss = jnp.zeros((), jnp.float32)
       for name, on, s, t in (("image", image_side, img, t_img), ("text", text_side, txt, t_txt)):
@@ -142,21 +173,12 @@ def make_loss_fn(config: ml_collections.ConfigDict, model, teacher):
         loss = loss + term
       metrics["stage1"] = loss
       return loss, metrics, extra
-    mined = {}
-    if k > 0:                                                      # §3.2.2 HN
-      b, length = ids.shape
-      owner = batch["image_id"]
-      if image_side:
-        mined["mined_text"] = student.embed_text(
-            p, batch["neg_text_ids"].reshape(b * k, length),
-            batch["neg_text_mask"].reshape(b * k, length),
-            rngs=dropout_rngs(config, rng, 2))[0].reshape(b, k, -1)
-        mined["mined_text_valid"] = is_negative(batch["neg_text_owner"], owner[:, None])
-      if text_side:
-        mined["mined_image"] = student.embed_image(
-            p, batch["neg_image"].reshape(b * k, *images.shape[1:]),
-            rngs=dropout_rngs(config, rng, 3))[0].reshape(b, k, -1)
-        mined["mined_image_valid"] = is_negative(batch["neg_image_owner"], owner[:, None])
+    mined = {name: emb[name] for name in ("mined_text", "mined_image") if name in emb}
+    owner = batch["image_id"]
+    if "mined_text" in mined:
+      mined["mined_text_valid"] = is_negative(batch["neg_text_owner"], owner[:, None])
+    if "mined_image" in mined:
+      mined["mined_image_valid"] = is_negative(batch["neg_image_owner"], owner[:, None])
     loss, parts = lf_losses.stage2_loss(
         img, txt, t_img, t_txt, tau, tower=lf.tower, teacher_temperature=teacher_tau,
         kd_temperature=lf.kd_temperature, in_batch_negatives=lf.in_batch_negatives,
@@ -165,7 +187,8 @@ def make_loss_fn(config: ml_collections.ConfigDict, model, teacher):
     metrics.update(parts)
     return loss, metrics, extra
 
-  return loss_fn
+  return accumulable(config, embed, loss_from_embeddings,
+                     None if teacher is None else features)
 
 
 def build(config: ml_collections.ConfigDict, mesh: Mesh, data, steps_per_epoch: int) -> Recipe:
@@ -182,8 +205,8 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, data, steps_per_epoch: 
                         "at a dual-encoder run (configs/teacher.py:dual)")
     check_teacher_tokenizer("leaner_faster", TEACHER, teacher, data)
     mc = config.model
-    images = jnp.zeros((1, mc.image_size, mc.image_size, mc.channels), jnp.float32)
-    width = teacher.embed_images(teacher.params, images).shape[-1]
+    images = jax.ShapeDtypeStruct((1, mc.image_size, mc.image_size, mc.channels), jnp.float32)
+    width = jax.eval_shape(teacher.embed_images, teacher.params, images).shape[-1]
     if width != mc.embed_dim:
       raise ConfigError(f"--config.model.embed_dim={mc.embed_dim} must equal the teacher's "
                         f"embedding width {width}: eq. 2-3 and the KD terms compare student and "

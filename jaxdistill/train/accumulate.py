@@ -11,6 +11,8 @@ network activations:
      read params directly, e.g. the temperature) and w.r.t. the embeddings;
   3. each microbatch embedded again, with gradients, and the cached embedding-gradients pulled
      back through it (vjp); the param gradients are summed.
+A frozen network's per-example outputs (a teacher's embeddings) are `features`: computed once
+per microbatch in step 1 and handed to the loss as batch fields, never recomputed in step 3.
 Steps 1 and 3 are `lax.scan`s over the microbatches (the compiled step does not grow with their
 number). Microbatch j holds the examples j, j + n, j + 2n, ... of the global batch, so each keeps
 the batch sharded over the data axes with no data movement (every device's rows are contiguous).
@@ -35,14 +37,25 @@ class AccumulableLoss:
   embed(params, frozen, batch, rng) -> embeddings: a pytree of arrays [b, ...] (one row per
     example of `batch`), deterministic given rng (the recompute of step 3 must match step 1);
   loss_from_embeddings(params, frozen, extra, embeddings, batch, rng, step) -> (loss, metrics,
-    extra): embeddings of the whole batch [B, ...], the whole batch (e.g. its ids);
-  steps: microbatches per step (config.train.accum_steps); 1 = the plain full-batch gradient.
+    extra): embeddings of the whole batch [B, ...], the whole batch (e.g. its ids) with the
+    fields of `features`;
+  steps: microbatches per step (config.train.accum_steps); 1 = the plain full-batch gradient;
+  features(frozen, batch) -> {name: [b, ...]} or None: outputs that need no gradient (a frozen
+    teacher's embeddings), added to the batch the loss reads.
   Called as a LossFn it is loss_from_embeddings(embed(batch)) on the whole batch."""
   embed: Callable[..., Any]
   loss_from_embeddings: Callable[..., tuple[jax.Array, dict, Any]]
   steps: int = 1
+  features: Callable[..., dict] | None = None
+
+  def with_features(self, frozen, batch):
+    """`batch` with the fields of features(frozen, batch) (no gradient flows into them)."""
+    if self.features is None:
+      return batch
+    return {**batch, **jax.lax.stop_gradient(self.features(frozen, batch))}
 
   def __call__(self, params, frozen, extra, batch, rng, step):
+    batch = self.with_features(frozen, batch)
     embeddings = self.embed(params, frozen, batch, rng)
     return self.loss_from_embeddings(params, frozen, extra, embeddings, batch, rng, step)
 
@@ -91,11 +104,17 @@ def accumulated_value_and_grad(loss: AccumulableLoss, params, frozen, extra, bat
     embeddings = loss.embed(p, frozen, microbatch, jax.random.fold_in(rng, j))
     return embeddings if rows is None else jax.tree.map(lambda x: _constrain(x, rows), embeddings)
 
-  # 1. The cache: every microbatch's embeddings, no gradients.
-  _, cached = jax.lax.scan(lambda c, xs: (c, embed(params, *xs)), None, (micro, index))
-  embeddings = join_microbatches(cached)
+  # 1. The cache: every microbatch's embeddings (and frozen features), no gradients.
+  def cache(microbatch, j):
+    features = {} if loss.features is None else jax.lax.stop_gradient(
+        loss.features(frozen, _constrain(microbatch, batch_shardings)))
+    return embed(params, microbatch, j), features
+
+  _, (cached, features) = jax.lax.scan(lambda c, xs: (c, cache(*xs)), None, (micro, index))
+  embeddings, features = join_microbatches(cached), join_microbatches(features)
   if rows is not None:
-    embeddings = jax.tree.map(lambda x: _constrain(x, rows), embeddings)
+    embeddings, features = jax.tree.map(lambda x: _constrain(x, rows), (embeddings, features))
+  batch = {**batch, **features}
 
   # 2. The full-batch loss on the cache: its direct param gradient and the embeddings' gradient.
   def objective(p, e):
