@@ -1,6 +1,6 @@
 """No silent change in the recipes: 5 tiny-preset training steps of every recipe variant give
 the per-step losses and metrics recorded before the training contract (commit d96fdc9, 8
-simulated devices, the old `train_and_evaluate`), to 1e-6 (float32).
+simulated devices, the old `train_and_evaluate`), to 1e-6 (float32; gradient norms 1e-5).
 
 tests/data/recipes_before_contract.json holds those records; the teacher and tower runs they
 read are random networks of the tiny preset (seed 1), rebuilt here the same way.
@@ -88,5 +88,8 @@ def test_five_steps_equal_the_recorded_ones(runs, name, tmp_path):
   for g, w in zip(got, want):
     assert set(w) <= set(g), f"metrics lost: {set(w) - set(g)}"
     for key in w:
-      np.testing.assert_allclose(g[key], w[key], rtol=1e-6, atol=1e-6,
+      # grad_norm sums ~10^6 squares: float32 summation order (XLA:CPU's threads) moves it by
+      # ~1e-6 relative between runs of the same code (49.763447 vs 49.763393, cprd_rm3se)
+      rtol = 1e-5 if key == "grad_norm" else 1e-6
+      np.testing.assert_allclose(g[key], w[key], rtol=rtol, atol=1e-6,
                                  err_msg=f"{name} step {w['step']} {key}")
