@@ -27,15 +27,6 @@ LEVERS = (("none", "float32"), ("full", "float32"), ("dots", "float32"),
           ("none", "bfloat16"), ("full", "bfloat16"))
 
 
-def vit_b16_student(config) -> None:
-  """config.model -> a ViT-B/16-sized dual-encoder student (CLIP ViT-B/16's towers)."""
-  m = config.model
-  m.image_size, m.channels, m.patch_size, m.stem, m.image_pool = 224, 3, 16, "linear", "cls"
-  m.vision_width, m.vision_layers, m.vision_heads, m.vision_mlp = 768, 12, 12, 3072
-  m.text_width, m.text_layers, m.text_heads, m.text_mlp = 512, 12, 8, 2048
-  m.vocab_size, m.max_len, m.embed_dim = 49408, 77, 512
-
-
 def step_memory(config) -> dict[str, int]:
   """Bytes of the compiled train step of `config` (a dual-recipe config) on one device:
   {"temp", "argument", "output"} from XLA's memory_analysis(), on abstract shapes."""
@@ -69,11 +60,11 @@ def step_memory(config) -> dict[str, int]:
 
 
 def _config(preset: str, batch: int, remat: str, dtype: str):
-  from jaxdistill.config import load_config_file
+  from jaxdistill.config import clip_vit_b16_towers, load_config_file
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   config = load_config_file(os.path.join(repo, "configs", "dual.py:cpu"))
   if preset == "vit_b16":
-    vit_b16_student(config)
+    clip_vit_b16_towers(config.model)
   config.batch_size, config.model.remat, config.model.dtype = batch, remat, dtype
   return config
 

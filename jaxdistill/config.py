@@ -90,6 +90,18 @@ def _model(preset: str) -> ml_collections.ConfigDict:
   return m
 
 
+def clip_vit_b16_towers(model: ml_collections.ConfigDict) -> None:
+  """config.model -> CLIP ViT-B/16's towers, trained from scratch: 224 px RGB, 16 px patches (a
+  linear stem), 12 x 768 vision layers, [CLS] pooled; a 12 x 512 text tower over 77 tokens of
+  CLIP's 49,408 ids; embed_dim 512 (~150M params). The ViT-B/16-sized student of
+  benchmarks/memory_levers.py, throughput.py and configs/clip_distill.py."""
+  m = model
+  m.image_size, m.channels, m.patch_size, m.stem, m.image_pool = 224, 3, 16, "linear", "cls"
+  m.vision_width, m.vision_layers, m.vision_heads, m.vision_mlp = 768, 12, 12, 3072
+  m.text_width, m.text_layers, m.text_heads, m.text_mlp = 512, 12, 8, 2048
+  m.vocab_size, m.max_len, m.embed_dim = 49408, 77, 512
+
+
 def base_config(preset: str = "cpu") -> ml_collections.ConfigDict:
   if preset not in PRESETS:
     raise ConfigError(f"unknown preset {preset!r}: use one of {', '.join(PRESETS)} "
