@@ -68,4 +68,10 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, ema: di
 
   return jax.jit(step_fn, in_shardings=(shardings["state"], shardings["batch"], shardings["frozen"]),
                  out_shardings=(shardings["state"], shardings["metrics"]), donate_argnums=(0,),
-                 compiler_options=CPU_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None)
+                 compiler_options=CPU_COMPILER_OPTIONS if _platform(shardings) == "cpu" else None)
+
+
+def _platform(shardings: dict) -> str:
+  """The platform the step compiles for: its mesh's devices' (an AOT compile for another
+  platform's topology, benchmarks/scaling.py, is not the default backend's)."""
+  return shardings["metrics"].mesh.devices.flat[0].platform
