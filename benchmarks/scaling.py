@@ -48,7 +48,7 @@ _COMPILER = flags.DEFINE_enum("compiler", "tpu", ["tpu", "cpu"],
                               "tpu: XLA:TPU (libtpu) for the target's topology; cpu: XLA:CPU on "
                               "simulated CPU devices.")
 _BATCH = flags.DEFINE_integer("global_batch", 32_768, "Global batch (paper-scale CLIP).")
-_ROWS = flags.DEFINE_string("rows", "", "Comma-separated row numbers (1-based) to compile; "
+_ROWS = flags.DEFINE_string("row_ids", "", "Comma-separated row numbers (1-based) to compile; "
                             "empty = all.")
 
 

@@ -148,3 +148,21 @@ def test_clip_distill_is_the_run_docs_scaling_models(slice_name, devices):
   assert c.data.tokenizer == os.path.join(c.teachers.teacher.path, "tokenizer.json")
   with pytest.raises(ConfigError, match="v5e-256, h100x64"):
     load_config_file(os.path.join(REPO, "configs", "clip_distill.py:v4-8"))
+
+
+def test_scaling_models_clip_distill_with_an_abstract_clip_l14_teacher():
+  """benchmarks/scaling.py compiles configs/clip_distill.py with each row's levers and CLIP
+  ViT-L/14's architecture as the teacher (abstract params: 427.6M, bfloat16; nothing read)."""
+  import jax
+  import numpy as np
+  from benchmarks import scaling
+  teacher = scaling.abstract_clip_teacher("bfloat16")
+  leaves = jax.tree.leaves(teacher.params)
+  assert all(isinstance(x, jax.ShapeDtypeStruct) and x.dtype == np.dtype("bfloat16")
+             for x in leaves)
+  assert abs(sum(int(np.prod(x.shape)) for x in leaves) - 427_616_513) < 1_000_000
+  images = jax.ShapeDtypeStruct((2, 224, 224, 3), np.float32)
+  assert jax.eval_shape(teacher.embed_images, teacher.params, images).shape == (2, 768)
+  c = scaling.step_config("h100x64", 64, "dots", "float32", 4)
+  assert (c.mesh.fsdp, c.model.remat, c.model.dtype, c.train.accum_steps) == (64, "dots", "float32", 4)
+  assert c.method == "leaner_faster" and c.batch_size == 32_768
