@@ -27,13 +27,25 @@ LEVERS = (("none", "float32"), ("full", "float32"), ("dots", "float32"),
           ("none", "bfloat16"), ("full", "bfloat16"))
 
 
+def abstract_batch(config) -> dict:
+  """The train batch of `config` (config.batch_size rows of config.model's image and text
+  shapes) as ShapeDtypeStructs: image, text_ids, text_mask, image_id."""
+  import jax
+  import jax.numpy as jnp
+  b, mc = config.batch_size, config.model
+  return {"image": jax.ShapeDtypeStruct((b, mc.image_size, mc.image_size, mc.channels),
+                                        jnp.float32),
+          "text_ids": jax.ShapeDtypeStruct((b, mc.max_len), jnp.int32),
+          "text_mask": jax.ShapeDtypeStruct((b, mc.max_len), jnp.int32),
+          "image_id": jax.ShapeDtypeStruct((b,), jnp.int32)}
+
+
 def step_memory(config) -> dict[str, int]:
   """Bytes of the compiled train step of `config` (a dual-recipe config) on one device:
   {"temp", "argument", "output"} from XLA's memory_analysis(), on abstract shapes."""
   import types
 
   import jax
-  import jax.numpy as jnp
   from jaxdistill import methods
   from jaxdistill.data.tokenizer import SpecialIds
   from jaxdistill.parallel.mesh import make_mesh
@@ -43,12 +55,7 @@ def step_memory(config) -> dict[str, int]:
   mesh = make_mesh(devices=jax.devices()[:1])
   recipe = methods.build(config, mesh, types.SimpleNamespace(special_ids=SpecialIds()),
                          steps_per_epoch=100)
-  b, mc = config.batch_size, config.model
-  spec = {"image": jax.ShapeDtypeStruct((b, mc.image_size, mc.image_size, mc.channels),
-                                        jnp.float32),
-          "text_ids": jax.ShapeDtypeStruct((b, mc.max_len), jnp.int32),
-          "text_mask": jax.ShapeDtypeStruct((b, mc.max_len), jnp.int32),
-          "image_id": jax.ShapeDtypeStruct((b,), jnp.int32)}
+  spec = abstract_batch(config)
   built = build_state(recipe, config, mesh, spec)
   step = make_train_step(recipe.loss_fn, built["tx"], dict(recipe.ema), built["trainable"],
                          built["shardings"])

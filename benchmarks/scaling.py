@@ -157,8 +157,6 @@ def compile_row(devices, target: str, batch: int, fsdp: int, remat: str, dtype: 
   import types
   from unittest import mock
 
-  import jax
-  import jax.numpy as jnp
   from jaxdistill import methods
   from jaxdistill.data.tokenizer import SpecialIds
   from jaxdistill.methods import leaner_faster
@@ -166,6 +164,7 @@ def compile_row(devices, target: str, batch: int, fsdp: int, remat: str, dtype: 
   from jaxdistill.train.loop import build_state
   from jaxdistill.train.step import make_train_step
 
+  from benchmarks.memory_levers import abstract_batch
   config = step_config(target, fsdp, remat, dtype, accum)
   config.batch_size = batch
   mesh = make_mesh(-1, fsdp, devices=devices)
@@ -173,12 +172,7 @@ def compile_row(devices, target: str, batch: int, fsdp: int, remat: str, dtype: 
   data = types.SimpleNamespace(special_ids=SpecialIds())
   with mock.patch.object(leaner_faster, "load_teacher", lambda section: teacher):
     recipe = methods.build(config, mesh, data, steps_per_epoch=100)
-  mc = config.model
-  spec = {"image": jax.ShapeDtypeStruct((batch, mc.image_size, mc.image_size, mc.channels),
-                                        jnp.float32),
-          "text_ids": jax.ShapeDtypeStruct((batch, mc.max_len), jnp.int32),
-          "text_mask": jax.ShapeDtypeStruct((batch, mc.max_len), jnp.int32),
-          "image_id": jax.ShapeDtypeStruct((batch,), jnp.int32)}
+  spec = abstract_batch(config)
   built = build_state(recipe, config, mesh, spec)
   shardings = built["shardings"]
   step = make_train_step(recipe.loss_fn, built["tx"], dict(recipe.ema), built["trainable"],
