@@ -2,7 +2,10 @@
 alternating in one run on this CPU, plus the jaxdistill step's achieved FLOP/s against a matmul
 peak measured in the same run.
 
-  .venv/bin/python benchmarks/throughput.py [--steps=5] [--rounds=5] [--batches=32,128,256] \
+  # in its own venv (pyproject's `throughput` extra: PyPI's CUDA torchvision breaks transformers'
+  # torch models next to the CPU torch): python3 -m venv .venv-throughput &&
+  # .venv-throughput/bin/pip install -c constraints.txt -e '.[throughput]'
+  .venv-throughput/bin/python benchmarks/throughput.py [--steps=5] [--rounds=5] [--batches=32,128,256] \
       [--vit_b_batch=8] [--rows=cpu32,cpu128,cpu256,vit_b16] [--profile_dir=DIR] [--xla_dump_dir=DIR]
 
 Rows: the cpu preset's student (configs/dual.py:cpu) at each of --batches, and a ViT-B/16-sized

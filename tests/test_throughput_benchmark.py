@@ -3,12 +3,21 @@ and run on the cpu preset (batch 4, one timed step each), their parameter counts
 architecture match: same towers, stem, pooling, projections), and the printed row has the
 table's columns. No wall-clock assertions."""
 
+import importlib.util
 import math
+
+import pytest
 
 from benchmarks import throughput
 
-# open_clip comes with the `throughput` extra, part of `test`: no skip when it is missing (and no
-# bare `import open_clip`: it fails before throughput.import_open_clip's torchvision fix-up).
+# open_clip comes with the `throughput` extra, installed in its own venv (PyPI's CUDA torchvision
+# breaks transformers' torch models next to the CPU torch): run these there, e.g.
+#   python3 -m venv .venv-throughput && .venv-throughput/bin/pip install -c constraints.txt \
+#       -e .[throughput,test] && .venv-throughput/bin/python -m pytest tests/test_throughput_benchmark.py
+# (no bare `import open_clip`: it fails before throughput.import_open_clip's torchvision fix-up).
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("open_clip") is None,
+                                reason="open-clip-torch not installed: pip install -e .[throughput] "
+                                       "in its own venv (tests/test_throughput_benchmark.py)")
 
 
 def test_cpu_preset_row_builds_matches_and_runs():
