@@ -73,8 +73,13 @@ def test_fsdp_splits_every_large_leaf_and_keeps_the_losses(setup):
   np.testing.assert_allclose(fs_losses, dp_losses, rtol=1e-5)
   # Params agree to Adam's resolution: a gradient entry that is rounding noise (~1e-9) in both
   # runs still moves its param by up to lr (~1e-5 in the warm-up) in a noise-chosen direction.
+  # Attention key biases are skipped: softmax is invariant to adding q.b_k to every score of a
+  # query, so their gradient is exactly zero in real arithmetic and pure rounding noise here,
+  # which Adam normalises into full-size steps of either sign (CI saw 1.4e-4 vs -1.4e-4).
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(jax.device_get(fs_state.params)),
                           jax.tree.leaves(jax.device_get(dp_state.params))):
+    if path_str(path).endswith("key/bias"):
+      continue
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-4, err_msg=path_str(path))
 
   # Every param and optimiser-state leaf above the threshold is split 8 ways (live arrays).
