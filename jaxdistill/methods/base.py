@@ -102,6 +102,26 @@ def embed_pair(config, student: Towers, params, batch, rng: jax.Array) -> PairEm
   return PairEmbedding(image, image_tokens, text, text_tokens, student.temperature(params))
 
 
+def embed_mined(config, student: Towers, params, batch, rng: jax.Array, text: bool = True,
+                image: bool = True) -> dict:
+  """The mined negatives of a batch through `student` (params: its tree): "text" [b, k, E] from
+  neg_text_ids / neg_text_mask [b, k, L] (dropout stream 2 of `rng`) and "image" [b, k, E] from
+  neg_image [b, k, H, W, C] (stream 3), each only when asked for."""
+  out = {}
+  if text:
+    b, k, length = batch["neg_text_ids"].shape
+    out["text"] = student.embed_text(
+        params, batch["neg_text_ids"].reshape(b * k, length),
+        batch["neg_text_mask"].reshape(b * k, length),
+        rngs=dropout_rngs(config, rng, 2))[0].reshape(b, k, -1)
+  if image:
+    b, k = batch["neg_image"].shape[:2]
+    out["image"] = student.embed_image(
+        params, batch["neg_image"].reshape(b * k, *batch["neg_image"].shape[2:]),
+        rngs=dropout_rngs(config, rng, 3))[0].reshape(b, k, -1)
+  return out
+
+
 def accumulable(config, embed: Callable, loss_from_embeddings: Callable,
                 features: Callable | None = None) -> AccumulableLoss:
   """The LossFn loss_from_embeddings(params, frozen, extra, embed(params, frozen, batch, rng),

@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 
 from jaxdistill.data.negatives import MISSING, is_negative
 from jaxdistill.losses.contrastive import contrastive_loss
-from jaxdistill.methods.base import (STUDENT, Recipe, accumulable, dropout_rngs, embed_pair,
+from jaxdistill.methods.base import (STUDENT, Recipe, accumulable, embed_mined, embed_pair,
                                     student_module)
 from jaxdistill.models.build import towers as towers_of
 from jaxdistill.parallel.gather import gathered_similarity_logits
@@ -57,13 +57,8 @@ def make_loss_fn(config: ml_collections.ConfigDict, model, mesh: Mesh):
     img, _, txt, _, _ = embed_pair(config, student, params, batch, rng)
     out = {"image": img, "text": txt}
     if k > 0:
-      b, length = batch["text_ids"].shape
-      out["neg_text"] = student.embed_text(params, batch["neg_text_ids"].reshape(b * k, length),
-                                           batch["neg_text_mask"].reshape(b * k, length),
-                                           rngs=dropout_rngs(config, rng, 2))[0].reshape(b, k, -1)
-      out["neg_image"] = student.embed_image(
-          params, batch["neg_image"].reshape(b * k, *batch["neg_image"].shape[2:]),
-          rngs=dropout_rngs(config, rng, 3))[0].reshape(b, k, -1)
+      mined = embed_mined(config, student, params, batch, rng)
+      out["neg_text"], out["neg_image"] = mined["text"], mined["image"]
     return out
 
   def loss_from_embeddings(params, frozen, extra, emb, batch, rng, step):

@@ -35,7 +35,7 @@ from jaxdistill.config import ConfigError
 from jaxdistill.data.negatives import is_negative
 from jaxdistill.losses import leaner_faster as lf_losses
 from jaxdistill.methods.base import (STUDENT, Recipe, accumulable, check_teacher_tokenizer,
-                                     dropout_rngs, embed_pair, student_module)
+                                     embed_mined, embed_pair, student_module)
 from jaxdistill.models.build import towers as towers_of
 from jaxdistill.teachers import load_teacher
 
@@ -137,16 +137,8 @@ def make_loss_fn(config: ml_collections.ConfigDict, model, teacher):
     img, _, txt, _, _ = embed_pair(config, student, p, batch, rng)
     out = {"image": img, "text": txt}
     if k > 0:                                                      # §3.2.2 HN
-      b, length = batch["text_ids"].shape
-      if image_side:
-        out["mined_text"] = student.embed_text(
-            p, batch["neg_text_ids"].reshape(b * k, length),
-            batch["neg_text_mask"].reshape(b * k, length),
-            rngs=dropout_rngs(config, rng, 2))[0].reshape(b, k, -1)
-      if text_side:
-        out["mined_image"] = student.embed_image(
-            p, batch["neg_image"].reshape(b * k, *batch["image"].shape[1:]),
-            rngs=dropout_rngs(config, rng, 3))[0].reshape(b, k, -1)
+      mined = embed_mined(config, student, p, batch, rng, text=image_side, image=text_side)
+      out.update({f"mined_{name}": value for name, value in mined.items()})
     return out
 
   def loss_from_embeddings(params, frozen, extra, emb, batch, rng, step):
