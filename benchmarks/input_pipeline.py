@@ -34,7 +34,6 @@ import concurrent.futures
 import io
 import json
 import os
-import platform
 import resource
 import sys
 import tempfile
@@ -48,6 +47,7 @@ sys.path.insert(0, REPO)
 
 import jax  # noqa: E402
 
+from benchmarks.common import cpu_model, trainer  # noqa: E402
 from jaxdistill.atomic import write_json_atomic  # noqa: E402
 
 SIDE = 224
@@ -142,20 +142,14 @@ def time_pipeline(data, config, num_threads: int, seconds: float) -> dict:
 def build_step(data, config, host_batch: dict):
   """(step(state, host batch) -> (state, metrics) as the trainer runs it, initial state,
   parameter count, compile + first-step seconds)."""
-  from jaxdistill import methods
   from jaxdistill.data import pipeline
   from jaxdistill.parallel.mesh import make_mesh
-  from jaxdistill.train.loop import build_state
-  from jaxdistill.train.step import make_train_step
   mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
-  recipe = methods.build(config, mesh, data, steps_per_epoch=100)
-  built = build_state(recipe, config, mesh, pipeline.global_batch_spec(host_batch))
+  recipe, built = trainer(config, mesh, pipeline.global_batch_spec(host_batch), data)
   shardings = built["shardings"]
   frozen = jax.device_put(recipe.frozen, shardings["frozen"])
-  jitted = make_train_step(recipe.loss_fn, built["tx"], dict(recipe.ema), built["trainable"],
-                           shardings)
-  step = lambda state, batch: jitted(state, pipeline.to_global_batch(batch, shardings["batch"]),
-                                     frozen)
+  step = lambda state, batch: built["step"](
+      state, pipeline.to_global_batch(batch, shardings["batch"]), frozen)
   state = built["init"]()
   params = sum(x.size for x in jax.tree.leaves(state.params))
   t0 = time.perf_counter()
@@ -197,14 +191,6 @@ def time_together(step, state, data, config, num_threads: int, seconds: float) -
   n = steps * config.batch_size
   return {"row": "together", "num_threads": num_threads, "steps": steps, "images": n,
           "seconds": wall, "per_s": n / wall, "cpu_ms_per_image": 1000 * cpu / n}
-
-
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
-    return platform.processor() or platform.machine()
 
 
 def main():

@@ -18,8 +18,14 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 
 from absl import app, flags
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:   # run as a script: benchmarks/ is a plain directory
+  sys.path.insert(0, REPO)
+from benchmarks.common import abstract_batch, trainer  # noqa: E402
 
 _SMALL_BATCH = flags.DEFINE_integer("small_batch", 32, "Global batch of the cpu-preset rows.")
 _VIT_B_BATCH = flags.DEFINE_integer("vit_b_batch", 8, "Global batch of the ViT-B/16 rows.")
@@ -27,40 +33,16 @@ LEVERS = (("none", "float32"), ("full", "float32"), ("dots", "float32"),
           ("none", "bfloat16"), ("full", "bfloat16"))
 
 
-def abstract_batch(config) -> dict:
-  """The train batch of `config` (config.batch_size rows of config.model's image and text
-  shapes) as ShapeDtypeStructs: image, text_ids, text_mask, image_id."""
-  import jax
-  import jax.numpy as jnp
-  b, mc = config.batch_size, config.model
-  return {"image": jax.ShapeDtypeStruct((b, mc.image_size, mc.image_size, mc.channels),
-                                        jnp.float32),
-          "text_ids": jax.ShapeDtypeStruct((b, mc.max_len), jnp.int32),
-          "text_mask": jax.ShapeDtypeStruct((b, mc.max_len), jnp.int32),
-          "image_id": jax.ShapeDtypeStruct((b,), jnp.int32)}
-
-
 def step_memory(config) -> dict[str, int]:
   """Bytes of the compiled train step of `config` (a dual-recipe config) on one device:
   {"temp", "argument", "output"} from XLA's memory_analysis(), on abstract shapes."""
-  import types
-
   import jax
-  from jaxdistill import methods
-  from jaxdistill.data.tokenizer import SpecialIds
   from jaxdistill.parallel.mesh import make_mesh
-  from jaxdistill.train.loop import build_state
-  from jaxdistill.train.step import make_train_step
 
-  mesh = make_mesh(devices=jax.devices()[:1])
-  recipe = methods.build(config, mesh, types.SimpleNamespace(special_ids=SpecialIds()),
-                         steps_per_epoch=100)
   spec = abstract_batch(config)
-  built = build_state(recipe, config, mesh, spec)
-  step = make_train_step(recipe.loss_fn, built["tx"], dict(recipe.ema), built["trainable"],
-                         built["shardings"])
+  recipe, built = trainer(config, make_mesh(devices=jax.devices()[:1]), spec)
   frozen = jax.eval_shape(lambda: recipe.frozen)
-  memory = step.lower(built["abstract"], spec, frozen).compile().memory_analysis()
+  memory = built["step"].lower(built["abstract"], spec, frozen).compile().memory_analysis()
   return {"temp": int(memory.temp_size_in_bytes),
           "argument": int(memory.argument_size_in_bytes),
           "output": int(memory.output_size_in_bytes)}

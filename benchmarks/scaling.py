@@ -154,30 +154,21 @@ def compile_row(devices, target: str, batch: int, fsdp: int, remat: str, dtype: 
                 accum: int) -> dict:
   """Compiles one row's step for `devices` at global `batch`; bytes per device and FLOPs from
   XLA."""
-  import types
   from unittest import mock
 
-  from jaxdistill import methods
-  from jaxdistill.data.tokenizer import SpecialIds
   from jaxdistill.methods import leaner_faster
   from jaxdistill.parallel.mesh import make_mesh
-  from jaxdistill.train.loop import build_state
-  from jaxdistill.train.step import make_train_step
 
-  from benchmarks.memory_levers import abstract_batch
+  from benchmarks.common import abstract_batch, trainer
   config = step_config(target, fsdp, remat, dtype, accum)
   config.batch_size = batch
   mesh = make_mesh(-1, fsdp, devices=devices)
   teacher = abstract_clip_teacher(config.teachers.teacher.dtype)
-  data = types.SimpleNamespace(special_ids=SpecialIds())
-  with mock.patch.object(leaner_faster, "load_teacher", lambda section: teacher):
-    recipe = methods.build(config, mesh, data, steps_per_epoch=100)
   spec = abstract_batch(config)
-  built = build_state(recipe, config, mesh, spec)
+  with mock.patch.object(leaner_faster, "load_teacher", lambda section: teacher):
+    recipe, built = trainer(config, mesh, spec)
   shardings = built["shardings"]
-  step = make_train_step(recipe.loss_fn, built["tx"], dict(recipe.ema), built["trainable"],
-                         shardings)
-  lowered = step.lower(built["abstract"], spec, recipe.frozen)
+  lowered = built["step"].lower(built["abstract"], spec, recipe.frozen)
   start = time.perf_counter()
   try:
     compiled = lowered.compile()

@@ -40,7 +40,6 @@ import gzip
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -51,6 +50,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:   # run as a script: benchmarks/ is a plain directory
   sys.path.insert(0, REPO)
 from benchmarks import memory_levers  # noqa: E402  (defines --vit_b_batch, reused here)
+from benchmarks.common import cpu_model, synthetic_batch, trainer  # noqa: E402
 
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps of each framework per round.")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Alternating rounds (jax steps, torch steps) per row.")
@@ -83,47 +83,23 @@ def row_config(student: str, batch: int):
   return config
 
 
-def synthetic_batch(config, seed: int = 0) -> dict:
-  """A host batch of random images (NHWC float32) and token ids (all real: mask of ones)."""
-  import numpy as np
-  from jaxdistill.data.tokenizer import SpecialIds
-  b, mc = config.batch_size, config.model
-  rng = np.random.default_rng(seed)
-  ids = rng.integers(SpecialIds().first_word, mc.vocab_size, (b, mc.max_len)).astype(np.int32)
-  ids[:, 0] = SpecialIds().cls
-  return {"image": rng.normal(size=(b, mc.image_size, mc.image_size, mc.channels)
-                              ).astype(np.float32),
-          "text_ids": ids, "text_mask": np.ones((b, mc.max_len), np.int32),
-          "image_id": np.arange(b, dtype=np.int32)}
-
-
 # ------------------------------------------------------------------------------------- jax ---
 
 def build_jax(config, host_batch) -> dict:
   """The trainer's jitted step (as benchmarks/train_step.py `_row`) on one device:
   {"step": state -> state (runs one step, blocks), "params", "flops", "compile_s"}."""
-  import types
-
   import jax
-  from jaxdistill import methods
   from jaxdistill.data import pipeline
-  from jaxdistill.data.tokenizer import SpecialIds
   from jaxdistill.parallel.mesh import make_mesh
-  from jaxdistill.train.loop import build_state
-  from jaxdistill.train.step import make_train_step
 
   mesh = make_mesh(devices=jax.devices()[:1])
-  recipe = methods.build(config, mesh, types.SimpleNamespace(special_ids=SpecialIds()),
-                         steps_per_epoch=100)
-  built = build_state(recipe, config, mesh, pipeline.global_batch_spec(host_batch))
+  recipe, built = trainer(config, mesh, pipeline.global_batch_spec(host_batch))
   shardings = built["shardings"]
   state = built["init"]()
   batch = pipeline.to_global_batch(host_batch, shardings["batch"])
   frozen = jax.device_put(recipe.frozen, shardings["frozen"])
-  jitted = make_train_step(recipe.loss_fn, built["tx"], dict(recipe.ema), built["trainable"],
-                           shardings)
   t0 = time.perf_counter()
-  compiled = jitted.lower(state, batch, frozen).compile()
+  compiled = built["step"].lower(state, batch, frozen).compile()
   compile_s = time.perf_counter() - t0
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):   # older jax: one dict per computation
@@ -398,17 +374,6 @@ def selected_rows(batches, vit_b_batch: int, rows) -> list[tuple[str, int]]:
       raise app.UsageError(f"--rows {unknown} unknown: use any of {', '.join(names)}")
     out = [names[r] for r in rows]
   return out
-
-
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
 
 
 def main(argv):

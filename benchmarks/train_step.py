@@ -14,48 +14,36 @@ from __future__ import annotations
 import os
 import platform
 import resource
+import sys
 import time
 
 from absl import app, flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:   # run as a script: benchmarks/ is a plain directory
+  sys.path.insert(0, REPO)
+from benchmarks.common import synthetic_batch, trainer  # noqa: E402
+
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per row (after 2 warm-up steps).")
 _PAPER_BATCH = flags.DEFINE_integer("paper_batch", 8, "Global batch of the paper-preset row.")
 
 
 def _row(name, config, steps):
-  """Builds the recipe and its jitted step as the trainer does (train/loop.py build_state +
-  make_train_step) and times it on one synthetic batch."""
-  import types
-
+  """Builds the recipe and its jitted step as the trainer does (benchmarks/common.py `trainer`)
+  and times it on one synthetic batch."""
   import jax
-  import numpy as np
-  from jaxdistill import methods
   from jaxdistill.data import pipeline
-  from jaxdistill.data.tokenizer import SpecialIds
   from jaxdistill.parallel.mesh import make_mesh
-  from jaxdistill.train.loop import build_state
-  from jaxdistill.train.step import make_train_step
 
-  mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
-  # The recipe reads only the tokenizer's special ids from the benchmark (LoopITR's MLM masking).
-  bench = types.SimpleNamespace(special_ids=SpecialIds())
-  recipe = methods.build(config, mesh, bench, steps_per_epoch=100)
-  b, mc = config.batch_size, config.model
-  rng = np.random.default_rng(0)
-  ids = rng.integers(SpecialIds().first_word, mc.vocab_size, (b, mc.max_len)).astype(np.int32)
-  ids[:, 0] = SpecialIds().cls
-  host_batch = {
-      "image": rng.normal(size=(b, mc.image_size, mc.image_size, mc.channels)).astype(np.float32),
-      "text_ids": ids, "text_mask": np.ones((b, mc.max_len), np.int32),
-      "image_id": np.arange(b, dtype=np.int32)}
-  built = build_state(recipe, config, mesh, pipeline.global_batch_spec(host_batch))
+  b = config.batch_size
+  host_batch = synthetic_batch(config)
+  recipe, built = trainer(config, make_mesh(config.mesh.data, config.mesh.fsdp),
+                          pipeline.global_batch_spec(host_batch))
   shardings = built["shardings"]
   state = built["init"]()
   batch = pipeline.to_global_batch(host_batch, shardings["batch"])
   frozen = jax.device_put(recipe.frozen, shardings["frozen"])
-  jitted = make_train_step(recipe.loss_fn, built["tx"], dict(recipe.ema), built["trainable"],
-                           shardings)
+  jitted = built["step"]
   memory = jitted.lower(state, batch, frozen).compile().memory_analysis()
   step_bytes = (memory.argument_size_in_bytes + memory.output_size_in_bytes
                 + memory.temp_size_in_bytes - memory.alias_size_in_bytes)

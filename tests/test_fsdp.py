@@ -15,7 +15,6 @@ from jaxdistill.parallel.mesh import make_mesh
 from jaxdistill.parallel.sharding import path_str
 from jaxdistill.store.checkpoint import Checkpointer, abstract_like
 from jaxdistill.train.loop import build_state
-from jaxdistill.train.step import make_train_step
 
 STEPS = 3
 
@@ -50,9 +49,7 @@ def _trainer(setup, data, fsdp):
   mesh = make_mesh(data, fsdp)
   recipe = methods.build(config, mesh, bench, 10)
   built = build_state(recipe, config, mesh, pipeline.global_batch_spec(batches[0]))
-  step = make_train_step(recipe.loss_fn, built["tx"], dict(recipe.ema), built["trainable"],
-                         built["shardings"])
-  return config, built, step, recipe
+  return config, built, built["step"], recipe
 
 
 def _run(step, built, state, batches, frozen=None):
@@ -104,7 +101,7 @@ def test_fsdp_splits_every_large_leaf_and_keeps_the_losses(setup):
   assert dp_bytes / fs_bytes >= 6, (dp_bytes, fs_bytes)
 
 
-@pytest.mark.parametrize("data,fsdp", [(1, 8), (2, 4)])
+@pytest.mark.parametrize("data,fsdp", [(1, 8), pytest.param(2, 4, marks=pytest.mark.exhaustive)])
 def test_checkpoint_from_data_parallel_restores_onto_fsdp(setup, tmp_path, data, fsdp):
   _, _, batches = setup
   _, dp, dp_step, _ = _trainer(setup, 8, 1)

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import tokenizers
 
-DTYPES = ("float32", "bfloat16")
+from jaxdistill.config import MODEL_DTYPES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,8 +78,8 @@ def frozen(fn: Callable | None) -> Callable | None:
 def cast_params(params: Any, dtype: str) -> Any:
   """Floating-point leaves cast to `dtype` ("float32" | "bfloat16"); integer leaves kept.
   bfloat16 halves a teacher's memory (the apply functions still return float32)."""
-  if dtype not in DTYPES:
-    raise ValueError(f"teacher dtype {dtype!r} is not valid: use one of {', '.join(DTYPES)} "
+  if dtype not in MODEL_DTYPES:
+    raise ValueError(f"teacher dtype {dtype!r} is not valid: use one of {', '.join(MODEL_DTYPES)} "
                      "(--config.teachers.<name>.dtype)")
   target = jnp.dtype(dtype)
   return jax.tree.map(

@@ -82,7 +82,9 @@ def build_state(recipe, config: ml_collections.ConfigDict, mesh, batch_spec: Any
   """Optimiser, shardings and the initial-state function of `recipe` (nothing is computed yet).
 
   Returns {"tx", "trainable", "shardings" (state, batch, frozen, metrics), "abstract",
-  "init" (() -> state, random init then config.init_from)}."""
+  "init" (() -> state, random init then config.init_from), "step" (the jitted train step of
+  recipe.loss_fn: (state, batch, frozen) -> (state, metrics)), "warmup_step" (the same for the
+  recipe's warm-up loss, or None)}."""
   key = jax.random.PRNGKey(config.seed)
   names = list(recipe.modules)
 
@@ -111,8 +113,11 @@ def build_state(recipe, config: ml_collections.ConfigDict, mesh, batch_spec: Any
         print(line, flush=True)
     return jax.jit(make, out_shardings=shardings["state"])(params)
 
-  return {"tx": tx, "trainable": trainable_mask(abstract_params, config.trainable),
-          "shardings": shardings, "abstract": abstract, "init": init}
+  trainable = trainable_mask(abstract_params, config.trainable)
+  step_of = lambda loss_fn: make_train_step(loss_fn, tx, dict(recipe.ema), trainable, shardings)
+  return {"tx": tx, "trainable": trainable, "shardings": shardings, "abstract": abstract,
+          "init": init, "step": step_of(recipe.loss_fn),
+          "warmup_step": step_of(recipe.warmup[1]) if recipe.warmup is not None else None}
 
 
 def restore_or_init(built: dict, checkpointer: Checkpointer) -> tuple[Any, dict | None]:
@@ -172,12 +177,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     write_json_atomic(os.path.join(workdir, "config.json"),
                       json.loads(config.to_json_best_effort()))
   # --- step ---
-  compile_step = lambda loss_fn: make_train_step(loss_fn, built["tx"], dict(recipe.ema),
-                                                 built["trainable"], shardings)
-  train_step = compile_step(recipe.loss_fn)
+  train_step = built["step"]
   warmup_steps, warmup_step = 0, None
   if recipe.warmup is not None and start < recipe.warmup[0]:
-    warmup_steps, warmup_step = recipe.warmup[0], compile_step(recipe.warmup[1])
+    warmup_steps, warmup_step = recipe.warmup[0], built["warmup_step"]
   student = towers(recipe.modules[STUDENT].model)
   # --- loop ---
   writer = MetricsWriter(workdir, start) if primary else NoMetricsWriter()

@@ -1,7 +1,7 @@
 """Self-supervised pretraining of an image-only network (`--mode=pretrain_image`; the DINO recipe,
 methods/dino.py), on the trainer's pieces: `loop.build_state` (optimiser from config.trainable,
-shardings, resume > config.init_from > random init), `step.make_train_step` (the jitted step with
-the recipe's EMA modules), the orbax Checkpointer (resume, SIGTERM), MetricsWriter and Progress.
+shardings, resume > config.init_from > random init, and the jitted step with the recipe's EMA
+modules), the orbax Checkpointer (resume, SIGTERM), MetricsWriter and Progress.
 What differs from `loop.train_and_evaluate`: no benchmark and no data pipeline (the recipe draws
 its images on device from the step key, so the batch is empty) and, at the end, a linear probe of
 the student's features (evaluate/probe.py) instead of retrieval: `<workdir>/probe.json`.
@@ -30,7 +30,6 @@ from jaxdistill.store.provenance import provenance
 from jaxdistill.store.run import STUDENT
 from jaxdistill.train.loop import Preemption, build_state, remaining_saves, restore_or_init
 from jaxdistill.train.metrics import MetricsWriter
-from jaxdistill.train.step import make_train_step
 
 PROBE_FILE = "probe.json"
 TIMING = ("train_seconds_this_run", "seconds_per_step")   # kept when a finished run is re-probed
@@ -54,8 +53,7 @@ def pretrain_and_probe(config: ml_collections.ConfigDict, workdir: str,
   start = int(state.step)
   checkpointer.require_space(state, saves=remaining_saves(config.train, start))
   write_json_atomic(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
-  train_step = make_train_step(recipe.loss_fn, built["tx"], dict(recipe.ema), built["trainable"],
-                               shardings)
+  train_step = built["step"]
   writer = MetricsWriter(workdir, start)
   progress = Progress(config.train.num_steps, config.batch_size, start)
   preemption = Preemption()
