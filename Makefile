@@ -1,13 +1,13 @@
 # Two commands do all the set-up on a fresh machine (see README):
 #   make train   -> runs LoopITR on the bundled benchmark (installs first if needed)
-#   make test    -> runs the test suite (installs first if needed)
+#   make test    -> runs the test suite (installs first if needed; make test-all: every case)
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install train test data
+.PHONY: install train test test-all data
 
 install: $(STAMP)
 
@@ -26,4 +26,7 @@ train: $(STAMP)
 	$(VENV)/bin/python -m jaxdistill.main --config=configs/loopitr.py --workdir=runs/loopitr
 
 test: $(STAMP)
+	$(VENV)/bin/python -m pytest -n 2 --dist loadfile -m "not exhaustive" tests
+
+test-all: $(STAMP)
 	$(VENV)/bin/python -m pytest -n 2 --dist loadfile tests

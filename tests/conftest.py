@@ -9,9 +9,16 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import pytest  # noqa: E402
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# XLA programs compiled in one test process are kept on disk for the others: the two xdist
+# workers and every `python -m jaxdistill.main` a test starts (they inherit the environment)
+# compile many of the same tiny-preset steps. A hit loads the same executable a compile would
+# give (same HLO, options and devices make the key), so numbers do not change.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(REPO, ".cache", "jax-tests"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+import pytest  # noqa: E402
 
 
 def recipe_config(name: str, preset: str = "tiny"):

@@ -232,7 +232,7 @@ def _train(config, recipe, mesh, batches, sgd=None):
   return jax.device_get(state.params), metrics
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+@pytest.mark.parametrize("optimizer", [pytest.param("sgd", marks=pytest.mark.exhaustive), "adamw"])
 def test_train_step_with_accum_steps_4_equals_accum_steps_1(optimizer):
   """Two steps of the dual recipe's train step (make_train_step, the trainer's shardings):
   the same losses, gradient norms and params with accum_steps=4 as with 1, under plain SGD and

@@ -53,7 +53,8 @@ def params():
   return {STUDENT: recipe.modules[STUDENT].init(jax.random.PRNGKey(0))}
 
 
-@pytest.mark.parametrize("overrides", [{}, {"negative_sampling": "random", "itm_negatives": "hard"}])
+@pytest.mark.parametrize("overrides", [
+    {}, pytest.param({"negative_sampling": "random", "itm_negatives": "hard"}, marks=pytest.mark.exhaustive)])
 def test_eight_devices_equal_one_device(params, overrides):
   config = _config(**overrides)
   mesh8 = make_mesh()
@@ -208,9 +209,10 @@ def test_itc_only_warm_up_is_the_joint_loss_without_its_work(params):
   assert _recipe(_config(itc_only_steps=0), mesh).warmup is None
 
 
-@pytest.mark.parametrize("zeroed, absent", [({"mlm_weight": 0.0}, "mlm_acc"),
-                                            ({"itm_weight": 0.0}, "itm_acc"),
-                                            ({"distill_weight": 0.0}, "distill_txt")])
+@pytest.mark.parametrize("zeroed, absent", [
+    ({"mlm_weight": 0.0}, "mlm_acc"),
+    pytest.param({"itm_weight": 0.0}, "itm_acc", marks=pytest.mark.exhaustive),
+    pytest.param({"distill_weight": 0.0}, "distill_txt", marks=pytest.mark.exhaustive)])
 def test_a_zero_weight_term_is_not_computed(params, zeroed, absent):
   """A loss term of weight 0 gives the same loss and gradients as the full loss with that
   weight 0 would, without its work: its metrics are absent and the compiled step is cheaper."""
