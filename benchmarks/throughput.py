@@ -86,7 +86,7 @@ def row_config(student: str, batch: int):
 # ------------------------------------------------------------------------------------- jax ---
 
 def build_jax(config, host_batch) -> dict:
-  """The trainer's jitted step (as benchmarks/train_step.py `_row`) on one device:
+  """The trainer's jitted step (benchmarks/common.py `trainer`) on one device:
   {"step": state -> state (runs one step, blocks), "params", "flops", "compile_s"}."""
   import jax
   from jaxdistill.data import pipeline
