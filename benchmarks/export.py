@@ -9,10 +9,13 @@ threads, p50 / p95), and the phone's end-to-end query (text -> top-10 over a 100
 Student: the latest checkpoint of --student_workdir (e.g. the cpu preset), read back with its own
 config.json (export/run.py `restore_student`). Teacher: the paper preset's LoopITR towers
 (ViT-B-sized 12-layer image tower, 6-layer 768-wide text tower; models/build.py) from a random
-initialisation — size and latency do not depend on the weights. Both go through
-`export_towers(towers, params, ...)` (one code path, parity checked; the teacher's on 20 test
-images). Latency:
-one signature-runner call with batch 1, as the app makes it, after warm-up. End to end:
+initialisation — size and latency do not depend on the weights — or, with --teacher_workdir, a
+trained run read back as the student is. Both go through `export_towers(towers, params, ...)`
+(one code path, parity checked; the random teacher's on 20 test images). Paper 000 Table 3
+(Leaner-and-Faster's T and S):
+  .venv/bin/python benchmarks/export.py --student_workdir=runs/lf_short_full_s0/student_text \
+      --teacher_workdir=runs/teacher_dual --search_check=false --out=runs/export_benchmark_lf
+Latency: one signature-runner call with batch 1, as the app makes it, after warm-up. End to end:
 `jaxdistill.search` (tokenizer + text model + exact top-10 by numpy) over the test split's image
 embeddings replicated to --index_size with N(0, 0.01^2) noise and re-normalised.
 Targets (paper 000 Table 3, paper 001 Table 5): student text >= 3x and image >= 2x faster,
@@ -43,6 +46,9 @@ _STUDENT = flags.DEFINE_string("student_workdir", "runs/loopitr", "Trained stude
 _QUANT = flags.DEFINE_list("quantization", ["none"], "Comma-separated: none | float16 | int8 | "
                           "int8_full, each for both models.")
 _TEACHER = flags.DEFINE_bool("teacher", True, "Also export and time the paper-preset teacher.")
+_TEACHER_WORKDIR = flags.DEFINE_string(
+    "teacher_workdir", "", "A trained run to export and time as the teacher instead of the "
+    "random paper-preset LoopITR towers, e.g. runs/teacher_dual (paper 000 Table 3's T).")
 _SEARCH = flags.DEFINE_bool("search_check", True, "Index the test images and query 20 captions "
                             "with python -m jaxdistill.search (subprocesses).")
 _OUT = flags.DEFINE_string("out", "runs/export_benchmark", "Where the exports and results go.")
@@ -69,13 +75,19 @@ def _student_bench(student_workdir: str):
   return prepare_benchmark(load_run_config(student_workdir, "--student_workdir"), student_workdir)
 
 
-def _export_student(directory: str, quantization: str):
+def _export_run(workdir: str, directory: str, quantization: str):
   from jaxdistill.export import run as export_run
   return export_run.export_towers(
-      *export_run.restore_student(_config("cpu", quantization), _STUDENT.value), directory)
+      *export_run.restore_student(_config("cpu", quantization), workdir), directory)
+
+
+def _export_student(directory: str, quantization: str):
+  return _export_run(_STUDENT.value, directory, quantization)
 
 
 def _export_teacher(directory: str, quantization: str):
+  if _TEACHER_WORKDIR.value:
+    return _export_run(_TEACHER_WORKDIR.value, directory, quantization)
   import jax
   from jaxdistill.data.benchmark import prepare_benchmark
   from jaxdistill.export.run import export_towers
@@ -265,6 +277,10 @@ def _markdown(r: dict) -> str:
     lines.append(f"| {name} | {m['bytes']['image_encoder.tflite'] / 2**20:.2f} | "
                  f"{m['bytes']['text_encoder.tflite'] / 2**20:.2f} | {cell('image_1t')} | "
                  f"{cell('image_2t')} | {cell('text_1t')} | {cell('text_2t')} |")
+  qps = lambda m, k: f"{1000 / m[k]['p50_ms']:.0f}"
+  lines += ["", "Queries per second (batch 1, 1 / p50): " + "; ".join(
+      f"{name} image {qps(m, 'image_1t')} (1t), {qps(m, 'image_2t')} (2t), text "
+      f"{qps(m, 'text_1t')} (1t), {qps(m, 'text_2t')} (2t)" for name, m in r["models"].items())]
   lines += ["", *(f"- {k}: {v:.3f}" for k, v in r.get("ratios", {}).items())]
   e = r["end_to_end"]
   lines += ["", f"End to end ({e['queries']} queries, {e['index_size']} x {e['embed_dim']} index, 2 threads): "

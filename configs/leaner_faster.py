@@ -9,10 +9,18 @@ Needs a trained dual teacher: configs/teacher.py:dual (runs/teacher_dual, the de
 :dual_minilm (`,minilm` below); for :tiny any dual run, e.g.
   python -m jaxdistill.main --config=configs/dual.py:tiny --workdir=runs/teacher_dual_tiny
 
+A Table 2 row shares its first stages with the full row of the same preset and seed (T', stage 1,
+the teacher's banks: copied, not rerun; train/pipeline.py "Reuse"):
+  python -m jaxdistill.main --config=configs/leaner_faster.py:cpu,wo_hn --workdir=runs/lf_wo_hn \
+      --config.pipeline.reuse=runs/leaner_faster
+
 Argument: PRESET[,ABLATION][,minilm][,text_layers=N]
-  PRESET    cpu (default) | tiny (tests: a few steps a stage)
+  PRESET    cpu (default) | short (cpu with a third of its steps: the tables' preset on this
+            2-core CPU, ~20 min a full row) | tiny (tests: a few steps a stage)
   ABLATION  Table 2's rows: full (default) | wo_stage1 | stage1_mse | stage1_infonce | wo_sf |
-            wo_kd | wo_hn | wo_kd_hn
+            wo_kd | wo_hn | wo_kd_hn; or Table 1's baseline `direct`: the student trained with
+            InfoNCE "throughout both stages" (§4.1) and no teacher signal: stage1_infonce's
+            stage 1, then both towers at once on the train pairs for both stage-2 runs' steps
   minilm    the teacher is configs/teacher.py:dual_minilm's run (MiniLM-L6 text tower; its
             WordPiece is then every stage's tokenizer)
   text_layers=N  the student's text tower: the teacher's first N text layers (§4.1: 6 or 4 of
@@ -42,8 +50,8 @@ from jaxdistill.config import teacher_section
 from jaxdistill.methods.leaner_faster import section as leaner_faster_section
 
 ABLATIONS = ("full", "wo_stage1", "stage1_mse", "stage1_infonce", "wo_sf", "wo_kd", "wo_hn",
-             "wo_kd_hn")
-PRESETS = ("tiny", "cpu")
+             "wo_kd_hn", "direct")
+PRESETS = ("tiny", "cpu", "short")
 IMAGE = "student/image_(encoder|projection)/.*"
 TEXT = "student/text_(encoder|projection)/.*"
 IMAGE_MAPPING = (("student/image_encoder/", "student/image_encoder/"),
@@ -81,6 +89,18 @@ def stages(ablation: str, text_layers: int, steps: dict, teacher_lr: float) -> t
   teacher_text_init = ({"source": "teacher:teacher", "layers": f"first:{text_layers}",
                         "mapping": TEXT_MAPPING},) if text_layers > 0 else ()
   kd_off = {} if kd else {"leaner_faster.kl_weight": 0.0, "leaner_faster.contrastive_weight": 0.0}
+  stage1_entry = dict(
+      name="stage1", kind="train", method="leaner_faster", model="student", data="unpaired",
+      steps=steps["stage1"], trainable=((".*", {}),), init_from=teacher_text_init,
+      teachers={"teacher": "teacher:teacher"},
+      settings={"leaner_faster.stage": "stage1", "leaner_faster.tower": "both",
+                "leaner_faster.stage1_loss": stage1_loss})
+  if ablation == "direct":                       # Table 1's "directly fine-tunes" baseline
+    stage1_entry["settings"]["leaner_faster.stage1_loss"] = "infonce"
+    return (stage1_entry, dict(
+        name="student", kind="train", method="dual", model="student", data="train",
+        steps=2 * steps["stage2"], trainable=((".*", {}),),
+        init_from=({"source": "stage:stage1", "mapping": (("student/", "student/"),)},)))
   out = [
       dict(name="teacher_image", kind="train", method="dual", model="teacher", data="train",
            steps=steps["teacher"], trainable=((TEXT, None), (".*", {"learning_rate": teacher_lr})),
@@ -90,12 +110,7 @@ def stages(ablation: str, text_layers: int, steps: dict, teacher_lr: float) -> t
            init_from=({"source": "stage:teacher_image", "mapping": (("student/", "student/"),)},)),
   ]
   if stage1:
-    out.append(dict(
-        name="stage1", kind="train", method="leaner_faster", model="student", data="unpaired",
-        steps=steps["stage1"], trainable=((".*", {}),), init_from=teacher_text_init,
-        teachers={"teacher": "teacher:teacher"},
-        settings={"leaner_faster.stage": "stage1", "leaner_faster.tower": "both",
-                  "leaner_faster.stage1_loss": stage1_loss}))
+    out.append(stage1_entry)
   if hn:
     out.append(dict(name="mine_teacher", kind="mine", tower="stage:teacher_text"))
   common = dict(kind="train", method="leaner_faster", data="train", steps=steps["stage2"],
@@ -130,7 +145,7 @@ def stages(ablation: str, text_layers: int, steps: dict, teacher_lr: float) -> t
 def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   preset, ablation, minilm, text_layers = _parse(arg)
   tiny = preset == "tiny"
-  config = base_config.base_config(preset)     # config.model = the student (cpu: ViT 2x128)
+  config = base_config.base_config("tiny" if tiny else "cpu")   # model = the student (ViT 2x128)
   config.method = "pipeline"                   # each stage names its own recipe
   config.data.num_unpaired = 256 if tiny else 4000   # stage 1's unpaired pool (data/unpaired.py)
   config.teachers.teacher = teacher_section(
@@ -144,6 +159,10 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     config.train.num_steps = 6
     config.train.checkpoint_every = 2
     steps = {"teacher": 4, "stage1": 6, "stage2": 0}   # 0: --config.train.num_steps
+  elif preset == "short":
+    config.train.checkpoint_every = 50
+    config.optim.warmup_steps = 20               # cpu: 50 (stages of 100-300 steps)
+    steps = {"teacher": 40, "stage1": 100, "stage2": 100}
   else:
     config.train.checkpoint_every = 100
     steps = {"teacher": 100, "stage1": 300, "stage2": 300}
@@ -153,5 +172,6 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   p.ablation = ablation                        # which Table 2 row the stages below are (a label)
   p.teacher = "teacher"                        # the config.teachers section of the target model T
   p.student_text_layers = text_layers
+  p.reuse = ""       # another row's --workdir (same preset and seed): its common stages are copied
   p.stages = stages(ablation, text_layers, steps, teacher_lr=1e-4)
   return config

@@ -4,7 +4,9 @@ r"""A results table from finished runs: one row per label, mean ± half the rang
 
 Each LABEL=GLOB names the workdirs of one row (one per seed). Read from each workdir: eval.json
 (test split: R@1/5/10 both ways, R@sum, binding), eval_val.json (val R@sum, what choices are made
-on), train_seconds_this_run, and the student's parameter count (store/run.py load_run).
+on), train_seconds_this_run, and the student's parameter count (store/run.py load_run). A
+pipeline's workdir (pipeline.json) is read through its last train stage, with the training time
+of all its train stages.
 Prints a markdown table.
 """
 
@@ -24,6 +26,8 @@ METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum",
 
 
 def _read(workdir: str) -> dict:
+  if os.path.isfile(os.path.join(workdir, "pipeline.json")):
+    return _read_pipeline(workdir)
   with open(os.path.join(workdir, "eval.json")) as f:
     test = json.load(f)
   if test.get("split", "test") != "test":   # trained with --config.eval.split=val
@@ -42,6 +46,21 @@ def _read(workdir: str) -> dict:
       row["val_rsum"] = json.load(f)["dual"]["rsum"]
   params = load_run(workdir).params
   row["params_m"] = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)) / 1e6
+  return row
+
+
+def _read_pipeline(workdir: str) -> dict:
+  """A pipeline's row (train/pipeline.py): its last train stage (the final student) read as a
+  run; minutes = all its train stages' training time, stages reused from another row included
+  (what the row costs on its own; mining and start-up not counted)."""
+  with open(os.path.join(workdir, "pipeline.json")) as f:
+    stages = [s for s in json.load(f)["stages"] if s["kind"] == "train"]
+  row = _read(stages[-1]["workdir"])
+  seconds = 0.0
+  for stage in stages:
+    with open(os.path.join(stage["workdir"], "eval.json")) as f:
+      seconds += json.load(f).get("train_seconds_this_run", float("nan"))
+  row["minutes"] = seconds / 60
   return row
 
 

@@ -80,6 +80,14 @@ def test_every_table_2_row_is_a_valid_stage_list(teacher_dir):
         assert (s["settings"].get("leaner_faster.contrastive_weight") == 0.0) == kd_off
         assert bool(s["bank"]) != hn_off, (ablation, s["name"])
     assert any(s["kind"] == "mine" for s in c.pipeline.stages) != hn_off
+  direct = lf_config(teacher_dir, "cpu,direct")   # Table 1's baseline: InfoNCE in both stages
+  _validate(direct)
+  infonce = {s["name"]: s for s in lf_config(teacher_dir, "cpu,stage1_infonce").pipeline.stages}
+  assert _names(direct) == ["stage1", "student"]
+  assert direct.pipeline.stages[0] == infonce["stage1"]
+  student = direct.pipeline.stages[1]
+  assert student["method"] == "dual" and "teachers" not in student and "bank" not in student
+  assert student["steps"] == 2 * infonce["student_text"]["steps"]
   with pytest.raises(ValueError, match="'wo_foo' is not a preset"):
     recipe_config("leaner_faster", "tiny,wo_foo")
   assert recipe_config("leaner_faster", "cpu,minilm").teachers.teacher.path == "runs/teacher_dual_minilm"
@@ -173,6 +181,92 @@ def test_a_workdir_of_another_pipeline_config_is_refused(teacher_dir, tmp_path):
   with pytest.raises(ConfigError, match=r"holds a pipeline run with another config .*"
                      r"pipeline\.stages.*new --workdir"):
     pipeline.run_pipeline(c, str(work), no_run, no_run, methods.RECIPES)
+
+
+def _fake_done_pipeline(c, work):
+  """`work` as a finished run of config c: its config file, each train stage's eval.json at
+  its last step, each mine stage's mine.json and banks (all that stage_done reads)."""
+  work.mkdir()
+  (work / pipeline.CONFIG_FILE).write_text(c.to_json_best_effort())
+  for stage in c.pipeline.stages:
+    d = work / stage["name"]
+    if stage["kind"] == "mine":
+      for folder, name in (("mining", "mine.json"), ("bank", pipeline.I2T_FILE),
+                           ("bank", pipeline.T2I_FILE)):
+        (d / folder).mkdir(parents=True, exist_ok=True)
+        (d / folder / name).write_text("{}")
+    else:
+      d.mkdir()
+      steps = stage.get("steps", 0) or c.train.num_steps
+      (d / "eval.json").write_text(json.dumps({"step": steps, "dual": {"rsum": 1.0}}))
+
+
+def _reused(c, other_dir, workdir="row"):
+  other = pipeline.reused_pipeline(json.loads(c.to_json_best_effort()), str(other_dir))
+  reused = set()
+  for i, stage in enumerate(c.pipeline.stages):
+    if pipeline.reusable(c, i, other, str(other_dir), reused, workdir):
+      reused.add(stage["name"])
+  return reused
+
+
+def test_reuse_takes_a_stage_only_when_it_and_all_it_reads_are_the_same(teacher_dir, tmp_path):
+  """Table 2's rows share the full row's first stages: a stage is copied when a stage of the same
+  run config is done there and every stage it reads was copied too (so its inputs are the same)."""
+  other = tmp_path / "full"
+  _fake_done_pipeline(lf_config(teacher_dir, "tiny,full"), other)
+  teacher = {"teacher_image", "teacher_text", "mine_teacher"}
+  expected = {
+      "full": {s["name"] for s in lf_config(teacher_dir, "tiny").pipeline.stages},
+      "wo_kd": teacher | {"stage1"},            # student stages: KD weights differ
+      "wo_hn": teacher - {"mine_teacher"} | {"stage1"},   # student stages: no bank
+      "wo_sf": teacher | {"stage1"},            # its one student stage is not in the full row
+      "stage1_mse": teacher,                    # stage1 differs, so does all that reads it
+      "wo_stage1": teacher,
+      "text_layers=2": teacher,                 # the student's network differs from stage1 on
+  }
+  for ablation, names in expected.items():
+    c = lf_config(teacher_dir, f"tiny,{ablation}")
+    c.pipeline.reuse = str(other)
+    assert _reused(c, other) == names, ablation
+  os.remove(other / "stage1" / "eval.json")     # not done there: neither it nor its readers
+  c = lf_config(teacher_dir, "tiny,wo_kd")
+  assert _reused(c, other) == teacher
+
+
+def test_reuse_copies_done_stages_with_a_marker_and_never_runs_them(teacher_dir, tmp_path):
+  def no_run(*args):
+    raise AssertionError("no stage may run: every one is done in the reused pipeline")
+  other = tmp_path / "full"
+  _fake_done_pipeline(lf_config(teacher_dir), other)
+  (other / "stage1" / "checkpoints").mkdir()
+  c = lf_config(teacher_dir)
+  c.pipeline.reuse = str(other)
+  summary = pipeline.run_pipeline(c, str(tmp_path / "row"), no_run, no_run, methods.RECIPES)
+  assert [e.get("reused_from") for e in summary["stages"]] == [
+      str(other / s["name"]) for s in c.pipeline.stages]
+  assert (tmp_path / "row" / "stage1" / "checkpoints").is_dir()
+  assert not list(tmp_path.glob("row/*.reuse-tmp"))
+
+
+def test_reuse_of_another_config_or_of_nothing_is_refused(teacher_dir, tmp_path):
+  def no_run(*args):
+    raise AssertionError("no stage may run")
+  c = lf_config(teacher_dir)
+  c.pipeline.reuse = str(tmp_path / "nothing")
+  with pytest.raises(ConfigError, match=r"reuse=.*nothing' holds no pipeline run .*--workdir of "
+                     r"an earlier run"):
+    pipeline.run_pipeline(c, str(tmp_path / "a"), no_run, no_run, methods.RECIPES)
+  other_seed = lf_config(teacher_dir)
+  other_seed.seed = 1
+  _fake_done_pipeline(other_seed, tmp_path / "seed1")
+  c.pipeline.reuse = str(tmp_path / "seed1")
+  with pytest.raises(ConfigError, match=r"ran another config: seed \(1 there, 0 here\)\. Only "
+                     r"the pipeline section may differ"):
+    pipeline.run_pipeline(c, str(tmp_path / "b"), no_run, no_run, methods.RECIPES)
+  c.pipeline.reuse = str(tmp_path / "b")
+  with pytest.raises(ConfigError, match="is this --workdir"):
+    pipeline.run_pipeline(c, str(tmp_path / "b"), no_run, no_run, methods.RECIPES)
 
 
 def test_cli_reports_a_bad_stage_in_one_line(tmp_path, teacher_dir):

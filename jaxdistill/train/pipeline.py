@@ -39,6 +39,13 @@ pipeline_config.json differs from the config is refused, naming the changed keys
 stage not done is run again, which resumes from
 its own latest checkpoint (or embedding files), so a killed pipeline goes on at the stage and
 step where it stopped. Each stage keeps its eval.json; <workdir>/pipeline.json sums them up.
+
+Reuse: config.pipeline.reuse names the workdir of another pipeline whose config differs only in
+its `pipeline` section (e.g. Table 2's `full` row of the same preset and seed). A stage of this
+pipeline that is done there with the same run config, and reads only stages that were
+themselves reused, is copied instead of run (the copy is what the run would give: same config,
+same seed, same inputs) and marked with reused_from.json. So the rows of an ablation table
+share their common first stages (paper 000's teacher fine-tuning, stage 1, the teacher's mining).
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ import copy
 import json
 import os
 import re
+import shutil
 from typing import Any, Callable, Mapping
 
 import jax
@@ -72,6 +80,7 @@ TEXT_FIELDS = ("text_tower", "text_width", "text_layers", "text_heads", "text_ml
 SHARED_FIELDS = ("embed_dim", "max_len", "vocab_size")   # every network of a pipeline: the teacher's
 SUMMARY_FILE = "pipeline.json"
 CONFIG_FILE = "pipeline_config.json"   # the config the workdir's stages were run with
+REUSED_FILE = "reused_from.json"       # in a stage directory copied from pipeline.reuse
 _NAME = re.compile(r"^[A-Za-z0-9_]+$")
 
 
@@ -312,6 +321,10 @@ def _summary_entry(config, index: int, workdir: str) -> dict:
   stage = config.pipeline.stages[index]
   directory = os.path.join(workdir, stage["name"])
   entry = {"name": stage["name"], "kind": stage["kind"], "workdir": directory}
+  marker = os.path.join(directory, REUSED_FILE)
+  if os.path.isfile(marker):
+    with open(marker) as f:
+      entry["reused_from"] = json.load(f)["source"]
   path = os.path.join(directory, "eval.json" if stage["kind"] == "train" else "mining/mine.json")
   if os.path.isfile(path):
     with open(path) as f:
@@ -322,6 +335,70 @@ def _summary_entry(config, index: int, workdir: str) -> dict:
     else:
       entry["tower_workdir"] = result.get("tower_workdir")
   return entry
+
+
+def _refs(stage: Mapping) -> set[str]:
+  """Names of the earlier stages a stage reads: init_from sources, teachers, bank, tower."""
+  values = [entry.get("source", "") for entry in stage.get("init_from", ())]
+  values += list(stage.get("teachers", {}).values())
+  values += [stage.get("bank", ""), stage.get("tower", "")]
+  return {str(v).partition(":")[2] for v in values if str(v).startswith("stage:")}
+
+
+def reused_pipeline(current: dict, reuse: str) -> ml_collections.ConfigDict:
+  """The config of the pipeline at `reuse` (config.pipeline.reuse), after checking that it equals
+  `current` (JSON) outside the `pipeline` section; ConfigError naming the fix."""
+  path = os.path.join(reuse, CONFIG_FILE)
+  if not os.path.isfile(path):
+    raise ConfigError(f"--config.pipeline.reuse={reuse!r} holds no pipeline run ({path} is "
+                      "missing): name the --workdir of an earlier run of this pipeline, e.g. "
+                      "the full row of the same preset and seed, or leave it empty")
+  with open(path) as f:
+    stored = json.load(f)
+  a, b = flat_dict(stored), flat_dict(current)
+  changed = sorted(k for k in a.keys() | b.keys()
+                   if not k.startswith("pipeline.") and a.get(k) != b.get(k))
+  if changed:
+    shown = ", ".join(f"{k} ({a.get(k)!r} there, {b.get(k)!r} here)" for k in changed[:4])
+    raise ConfigError(f"--config.pipeline.reuse={reuse!r} ran another config: {shown}"
+                      f"{' and more' if len(changed) > 4 else ''}. Only the pipeline section "
+                      "may differ for its stages to be reused: reuse a run with these "
+                      "settings, or leave --config.pipeline.reuse empty")
+  return ml_collections.ConfigDict(stored)
+
+
+def stage_run_json(config: ml_collections.ConfigDict, index: int, workdir: str) -> str:
+  """Stage `index`'s run config (train or mine) as JSON, its workdir's paths as <workdir>/...:
+  two stages with the same text do the same thing given the same earlier stages."""
+  if config.pipeline.stages[index]["kind"] == "mine":
+    c = mine_config(config, index, workdir)
+  else:
+    c = stage_config(config, index, workdir)
+  return c.to_json_best_effort(sort_keys=True).replace(os.path.join(workdir, ""), "<workdir>/")
+
+
+def reusable(config, index: int, other, reuse: str, reused: set[str], workdir: str) -> bool:
+  """Whether stage `index` can be copied from the pipeline `other` (its config) at `reuse`: a
+  stage of the same name and run config is done there, and every stage it reads is in
+  `reused` (copied, so the same inputs)."""
+  stage = config.pipeline.stages[index]
+  names = [s["name"] for s in other.pipeline.stages]
+  if stage["name"] not in names or not _refs(stage) <= reused:
+    return False
+  j = names.index(stage["name"])
+  return (stage_done(other, j, reuse)
+          and stage_run_json(other, j, reuse) == stage_run_json(config, index, workdir))
+
+
+def _copy_stage(source: str, directory: str) -> None:
+  """source -> directory through a temporary name (an interrupted copy is never a stage), with
+  REUSED_FILE in it; a partial run of the stage at `directory` is replaced."""
+  tmp = directory + ".reuse-tmp"
+  shutil.rmtree(tmp, ignore_errors=True)
+  shutil.copytree(source, tmp, symlinks=True)
+  write_json_atomic(os.path.join(tmp, REUSED_FILE), {"source": os.path.abspath(source)})
+  shutil.rmtree(directory, ignore_errors=True)
+  os.rename(tmp, directory)
 
 
 def _check_same_pipeline(current: dict, workdir: str) -> None:
@@ -354,14 +431,27 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str, train: Callabl
   os.makedirs(workdir, exist_ok=True)
   current = json.loads(config.to_json_best_effort())
   _check_same_pipeline(current, workdir)
+  reuse = config.pipeline.get("reuse", "")
+  if reuse and os.path.realpath(reuse) == os.path.realpath(workdir):
+    raise ConfigError(f"--config.pipeline.reuse={reuse!r} is this --workdir: name another "
+                      "pipeline's workdir, or leave it empty")
+  other = reused_pipeline(current, reuse) if reuse else None
   write_json_atomic(os.path.join(workdir, CONFIG_FILE), current)
   stages = config.pipeline.stages
+  reused: set[str] = set()
   for i, stage in enumerate(stages):
     name, kind = stage["name"], stage["kind"]
     directory = os.path.join(workdir, name)
     head = f"pipeline stage {i + 1}/{len(stages)} {name} ({kind})"
     if stage_done(config, i, workdir):
       print(f"{head}: done, skipped", flush=True)
+      if os.path.isfile(os.path.join(directory, REUSED_FILE)):
+        reused.add(name)
+      continue
+    if other is not None and reusable(config, i, other, reuse, reused, workdir):
+      _copy_stage(os.path.join(reuse, name), directory)
+      reused.add(name)
+      print(f"{head}: reused from {os.path.join(reuse, name)}", flush=True)
       continue
     print(f"{head}: {directory}", flush=True)
     if kind == "mine":
