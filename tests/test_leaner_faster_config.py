@@ -257,6 +257,7 @@ def test_reuse_of_another_config_or_of_nothing_is_refused(teacher_dir, tmp_path)
   with pytest.raises(ConfigError, match=r"reuse=.*nothing' holds no pipeline run .*--workdir of "
                      r"an earlier run"):
     pipeline.run_pipeline(c, str(tmp_path / "a"), no_run, no_run, methods.RECIPES)
+  assert not (tmp_path / "a").exists()          # refused before anything is written
   other_seed = lf_config(teacher_dir)
   other_seed.seed = 1
   _fake_done_pipeline(other_seed, tmp_path / "seed1")

@@ -428,14 +428,14 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str, train: Callabl
   to <workdir>/pipeline.json, or None when a stage was stopped (run the same command again to
   go on)."""
   validate_pipeline(config, recipes)
-  os.makedirs(workdir, exist_ok=True)
   current = json.loads(config.to_json_best_effort())
-  _check_same_pipeline(current, workdir)
   reuse = config.pipeline.get("reuse", "")
   if reuse and os.path.realpath(reuse) == os.path.realpath(workdir):
     raise ConfigError(f"--config.pipeline.reuse={reuse!r} is this --workdir: name another "
                       "pipeline's workdir, or leave it empty")
   other = reused_pipeline(current, reuse) if reuse else None
+  os.makedirs(workdir, exist_ok=True)
+  _check_same_pipeline(current, workdir)
   write_json_atomic(os.path.join(workdir, CONFIG_FILE), current)
   stages = config.pipeline.stages
   reused: set[str] = set()
