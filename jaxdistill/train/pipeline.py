@@ -355,16 +355,22 @@ def reused_pipeline(current: dict, reuse: str) -> ml_collections.ConfigDict:
                       "the full row of the same preset and seed, or leave it empty")
   with open(path) as f:
     stored = json.load(f)
-  a, b = flat_dict(stored), flat_dict(current)
-  changed = sorted(k for k in a.keys() | b.keys()
-                   if not k.startswith("pipeline.") and a.get(k) != b.get(k))
-  if changed:
-    shown = ", ".join(f"{k} ({a.get(k)!r} there, {b.get(k)!r} here)" for k in changed[:4])
-    raise ConfigError(f"--config.pipeline.reuse={reuse!r} ran another config: {shown}"
-                      f"{' and more' if len(changed) > 4 else ''}. Only the pipeline section "
-                      "may differ for its stages to be reused: reuse a run with these "
-                      "settings, or leave --config.pipeline.reuse empty")
+  shown = _changed_keys(stored, current, "{k} ({old!r} there, {new!r} here)", skip="pipeline.")
+  if shown:
+    raise ConfigError(f"--config.pipeline.reuse={reuse!r} ran another config: {shown}. Only the "
+                      "pipeline section may differ for its stages to be reused: reuse a run "
+                      "with these settings, or leave --config.pipeline.reuse empty")
   return ml_collections.ConfigDict(stored)
+
+
+def _changed_keys(stored: dict, now: dict, form: str, skip: str = "") -> str:
+  """The dotted keys in which two configs (JSON) differ, the first 4 written as `form`
+  ({k}, {old}, {new}) and a count of the rest; "" when they agree (keys under `skip` aside)."""
+  a, b = flat_dict(stored), flat_dict(now)
+  changed = sorted(k for k in a.keys() | b.keys()
+                   if not (skip and k.startswith(skip)) and a.get(k) != b.get(k))
+  shown = ", ".join(form.format(k=k, old=a.get(k), new=b.get(k)) for k in changed[:4])
+  return shown + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
 
 
 def stage_run_json(config: ml_collections.ConfigDict, index: int, workdir: str) -> str:
@@ -408,14 +414,10 @@ def _check_same_pipeline(current: dict, workdir: str) -> None:
   if not os.path.isfile(path):
     return
   with open(path) as f:
-    stored = flat_dict(json.load(f))
-  now = flat_dict(current)
-  changed = sorted(k for k in stored.keys() | now.keys() if stored.get(k) != now.get(k))
-  if changed:
-    shown = ", ".join(f"{k} ({stored.get(k)!r} -> {now.get(k)!r})" for k in changed[:4])
-    more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+    shown = _changed_keys(json.load(f), current, "{k} ({old!r} -> {new!r})")
+  if shown:
     raise ConfigError(f"--workdir={workdir} holds a pipeline run with another config ({path}): "
-                      f"{shown}{more}. Its finished stages would be reused as they are: run "
+                      f"{shown}. Its finished stages would be reused as they are: run "
                       "the changed pipeline in a new --workdir (or delete this one)")
 
 
