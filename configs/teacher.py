@@ -5,7 +5,7 @@ r"""Larger networks trained on the bundled benchmark, to serve as frozen teacher
 Every preset widens all towers to 256 and deepens them to 4 layers (8 heads, MLP 512,
 embedding 256: 6.3x the cpu student's tower params). Presets (on top of jaxdistill/config.py's):
   dual   (default) the dual-encoder ITC recipe (configs/dual.py) for 1500 steps at batch 128:
-         a dual teacher (embed_images / embed_texts; no cross encoder). ~34 min on an idle 2-core CPU.
+         a dual teacher (embed_images / embed_texts; no cross encoder). 20-34 min on an idle 2-core CPU.
          python -m jaxdistill.main --config=configs/teacher.py --workdir=runs/teacher_dual
   cpu    the LoopITR recipe (configs/loopitr.py:scratch, random init) for 4000 steps: dual towers + a cross encoder
          (match_scores = ITM positive logit), the MCAD / CPRD cross teacher. Hours on a 2-core CPU.
