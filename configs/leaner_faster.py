@@ -16,7 +16,8 @@ the teacher's banks: copied, not rerun; train/pipeline.py "Reuse"):
 
 Argument: PRESET[,ABLATION][,minilm][,text_layers=N]
   PRESET    cpu (default) | short (cpu with a third of its steps: the tables' preset on this
-            2-core CPU, ~25 min a full row) | tiny (tests: a few steps a stage)
+            2-core CPU, 9-24 min a seed for a row that runs every stage, by the machine) |
+            tiny (tests: a few steps a stage)
   ABLATION  Table 2's rows: full (default) | wo_stage1 | stage1_mse | stage1_infonce | wo_sf |
             wo_kd | wo_hn | wo_kd_hn; or Table 1's baseline `direct`: the student trained with
             InfoNCE "throughout both stages" (§4.1) and no teacher signal: stage1_infonce's
