@@ -12,40 +12,41 @@ in other cells, or differs from it in exactly one cell.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 import numpy as np
 
-from jaxdistill.data.compositional import build_benchmark
-from jaxdistill.data.fashion_mnist import load_fashion_mnist
+from jaxdistill.data.benchmark import prepare_benchmark
+from jaxdistill.data.compositional import CAPTIONS_PER_IMAGE
+from jaxdistill.data.negatives import Bank
+from jaxdistill.store.run import load_run_config
 
-CAPTIONS_PER_IMAGE = 5
 BANKS = (("mine_teacher", "i2t"), ("mine_student_image", "t2i"))
 
 
 def main(pipeline_workdir: str) -> None:
-  with open(os.path.join(pipeline_workdir, "student_image", "config.json")) as f:
-    config = json.load(f)
-  d, k = config["data"], int(config["leaner_faster"]["hard_negatives"])
-  train = build_benchmark(load_fashion_mnist(d["fashion_mnist_dir"] or None), seed=d["seed"],
-                          num_train=d["num_train"], num_val=d["num_val"], num_test=d["num_test"],
-                          group_size=d["group_size"], swap_fraction=d["swap_fraction"])["train"]
-  layouts = train.layouts.astype(np.int64)
-  print(f"train: {len(layouts)} images, {len({tuple(x) for x in layouts})} distinct layouts")
+  run = os.path.join(pipeline_workdir, "student_image")
+  config = load_run_config(run)
+  k = int(config.leaner_faster.hard_negatives)
+  train = prepare_benchmark(config, run).splits["train"]
+  order = np.argsort(train.image_ids)
+  layout_of = lambda image_ids: train.layouts[order[np.searchsorted(train.image_ids[order],
+                                                                    image_ids)]]
+  print(f"train: {len(train.layouts)} images, {len({tuple(x) for x in train.layouts})} "
+        "distinct layouts")
   for stage, direction in BANKS:
-    bank = np.load(os.path.join(pipeline_workdir, stage, "bank", f"{direction}.npy"))
-    keys, ids = bank["key"], bank["ids"][:, :k]
-    if direction == "i2t":
-      positive, negative = layouts[keys], layouts[ids // CAPTIONS_PER_IMAGE]
-    else:
-      positive, negative = layouts[keys // CAPTIONS_PER_IMAGE], layouts[ids]
+    bank = Bank(os.path.join(pipeline_workdir, stage, "bank", f"{direction}.npy"))
+    keys, ids = np.asarray(bank.keys), np.asarray(bank.ids[:, :k])
+    if direction == "i2t":   # key: image id; ids: caption ids
+      positive, negative = layout_of(keys), layout_of(ids // CAPTIONS_PER_IMAGE)
+    else:                    # key: caption id; ids: image ids
+      positive, negative = layout_of(keys // CAPTIONS_PER_IMAGE), layout_of(ids)
     positive = positive[:, None]
     differing = (negative != positive).sum(-1)
-    same_items = (np.sort(negative, -1) == np.sort(positive, -1)).all(-1)
+    same_items = (np.sort(negative, -1) == np.sort(positive, -1)).all(-1) & (differing > 0)
     print(f"{stage}/{direction} top-{k} ({ids.size} negatives): same layout "
-          f"{np.mean(differing == 0):.1%}, same items elsewhere {np.mean(same_items & (differing > 0)):.1%}, "
+          f"{np.mean(differing == 0):.1%}, same items elsewhere {np.mean(same_items):.1%}, "
           f"one cell different {np.mean(differing == 1):.1%}")
 
 
