@@ -23,7 +23,8 @@ PRESETS = ("tiny", "cpu", "paper")
 DATA_NAMES = ("fashion_grid", "karpathy_json", "coco", "flickr30k", "tfds", "webdataset")
 EXPORT_QUANTIZATIONS = ("none", "float16", "int8", "int8_full")   # export/tflite.py
 MODEL_DTYPES = ("float32", "bfloat16")          # config.model.dtype: the student's compute dtype
-REMAT_POLICIES = ("none", "full", "dots")       # config.model.remat (models/layers.remat_block)
+REMAT_POLICIES = ("none", "full", "dots")
+RERANK_SCORES = ("cross", "cross+dual")         # config.eval.rerank_score (evaluate/rerank.py)       # config.model.remat (models/layers.remat_block)
 
 
 class ConfigError(JaxDistillError, ValueError):
@@ -47,6 +48,8 @@ def _model(preset: str) -> ml_collections.ConfigDict:
   m.itm_pool = "cls"          # what a cross encoder's ITM head reads: cls | mean (fused tokens)
   m.cross_init_std = 0.0      # bert cross encoder's new cross-attention: 0 = LeCun, >0 = N(0, std)
   m.cross_gate = False        # bert cross encoder: tanh gate (starting at 0) on cross-attention
+  m.cross_image_positions = 0.0   # >0: learnt position embedding on the image tokens a cross
+                                  # encoder reads, N(0, value) (models/loopitr.py); 0 = none
   m.efficientnet_input_size = 128   # efficientnet_lite0: side the image is resized to (32 x cells)
   m.image_mean, m.image_std = 0.2628, 0.3470   # data/compositional.py's pixel normalisation
   # hf_vit (a HF ViT / BEiT / data2vec-vision encoder; pretrained/tower_configs.hf_vit fills these
@@ -172,6 +175,8 @@ def base_config(preset: str = "cpu") -> ml_collections.ConfigDict:
   e.split = "test"
   e.batch_size = 64 if tiny else 250
   e.rerank_k = 16                # paper 003 Table 13: re-rank the dual encoder's top-k
+  e.rerank_score = "cross"       # cross | cross+dual (ALBEF's evaluation: ITM logit + ITC
+                                 # similarity; evaluate/rerank.py)
   e.pair_batch_size = 256 if tiny else 1024
   e.block_elements = 1 << 22     # scores per query block of the metrics (bounds eval memory)
   e.ann = False                  # also rank with ScaNN indexes (evaluate/ann.py): "dual (scann)"
@@ -348,6 +353,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, mode: str = "t
   if config.eval.get("block_elements", 1) < 1:
     raise ConfigError(f"--config.eval.block_elements={config.eval.block_elements} must be positive "
                       "(scores per query block of the retrieval metrics, e.g. 4194304)")
+  _choice(config.eval.get("rerank_score", "cross"), "eval.rerank_score", RERANK_SCORES)
   fm = config.data.fashion_mnist_dir
   if fm and not os.path.isdir(fm):
     raise ConfigError(

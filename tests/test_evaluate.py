@@ -225,6 +225,24 @@ def test_rerank_matches_brute_force(ties):
   _assert_metrics_equal(metrics, _brute_recall(_brute_ranks(sim, c2i, cross=cross, k=4)))
 
 
+def test_rerank_cross_plus_dual_is_albefs_sum():
+  """score="cross+dual": each top-k candidate is re-ordered by cross + sim (ALBEF / BLIP's
+  itm_logit + topk_sim): the brute-force ranking of that sum; a constant cross score then leaves
+  the dual ranking as it is, and an unknown score name is refused."""
+  sim, c2i = _random_case(seed=6)
+  cross = np.random.default_rng(7).normal(size=sim.shape)
+  metrics, _ = rerank_recall(sim, c2i, _scorer_from_matrix(cross), k=4, pair_batch_size=10,
+                             score="cross+dual")
+  _assert_metrics_equal(metrics, _brute_recall(_brute_ranks(sim, c2i, cross=cross + sim, k=4)))
+  alone, _ = rerank_recall(sim, c2i, _scorer_from_matrix(cross), k=4, pair_batch_size=10)
+  assert alone != metrics
+  constant, _ = rerank_recall(sim, c2i, _scorer_from_matrix(np.full(sim.shape, 3.0)), k=4,
+                              pair_batch_size=10, score="cross+dual")
+  _assert_metrics_equal(constant, recall_at_k(sim, c2i))
+  with pytest.raises(ValueError, match="rerank score"):
+    rerank_recall(sim, c2i, _scorer_from_matrix(cross), k=4, score="dual")
+
+
 def test_rerank_scores_each_pair_once_in_fixed_chunks():
   sim, c2i = _random_case(seed=8)   # continuous scores: the top-k sets are unambiguous
   n_img, n_txt = sim.shape

@@ -144,3 +144,32 @@ def test_single_stream_cross_encoder_from_minilms_second_half(built):
   np.testing.assert_allclose(_fuse(model, params, tokens, mask, image[:, ::-1])[real], fused[real],
                              atol=1e-4)
   assert np.abs(_fuse(model, params, tokens, mask, 2 * image + 1)[real] - fused[real]).max() > 1e-2
+
+
+def test_image_positions_make_the_cross_encoder_see_token_order(built):
+  """Cross-attention is blind to the order of the image tokens (the default cross encoder: the
+  same cells in another order give the same fused output); model.cross_image_positions adds a
+  learnt embedding per image-token position, so the order then matters, and the embedding gets a
+  gradient."""
+  from jaxdistill.models.loopitr import LoopITRModel
+  config, model, _, params, _, _ = built
+  ids, mask = encode(load_pretrained_tokenizer(minilm_dir()), CAPTIONS, config.model.max_len)
+  image = jax.random.normal(jax.random.PRNGKey(1), (len(CAPTIONS), 5, config.model.vision_width))
+  real = mask > 0
+
+  def order_effect(model, params):
+    _, tokens = towers(model).embed_text(params["student"], ids, mask)
+    return tokens, np.abs(_fuse(model, params, tokens, mask, image[:, ::-1])[real]
+                          - _fuse(model, params, tokens, mask, image)[real]).max()
+
+  assert not any("image_positions" in k for k in flatten(params))
+  assert order_effect(model, params)[1] < 1e-4
+  config, model, params = _built_variant(cross_image_positions=1.0)
+  assert [k for k in flatten(params) if "image_positions" in k] == [
+      "student/image_positions/embedding"]
+  tokens, effect = order_effect(model, params)
+  assert effect > 1e-2
+  grads = jax.grad(lambda p: model.apply({"params": p}, tokens, mask, image,
+                                         method=LoopITRModel.match_logits)[:, 0].sum())(
+                                             params["student"])
+  assert np.abs(np.asarray(grads["image_positions"]["embedding"])).max() > 0

@@ -3,9 +3,11 @@
 Owns choosing each query's top-k candidates by the dual-encoder scores, scoring the
 deduplicated (image, text) pairs with the caller's cross encoder in fixed-size chunks, and the
 Karpathy-protocol recalls of the re-ranked orderings (same pessimistic tie rule as
-`retrieval.py`). Each query's top-k is re-ordered by the cross score; candidates outside the
-top-k keep their dual-encoder order after it, so R@k for k <= top-k can only change by
-re-ordering within the top-k.
+`retrieval.py`). Each query's top-k is re-ordered by the cross score (score="cross", LoopITR's
+wording) or by the cross score plus the dual-encoder score (score="cross+dual": what ALBEF's and
+BLIP's evaluation code computes, `score_matrix[i, topk_idx] = itm_logit + topk_sim`, and ALBEF is
+the protocol LoopITR's footnote 2 cites); candidates outside the top-k keep their dual-encoder
+order after it, so R@k for k <= top-k can only change by re-ordering within the top-k.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from jaxdistill.config import RERANK_SCORES
 from jaxdistill.evaluate.retrieval import (DEFAULT_BLOCK_ELEMENTS, DIRECTIONS,
                                            check_caption_to_image, check_ks, first_gold_rank,
                                            nan_as_lowest, query_blocks, recall_from_ranks)
@@ -68,7 +71,7 @@ def _score_in_chunks(image_index: np.ndarray, text_index: np.ndarray, score_pair
 def rerank_recall(sim: Any, caption_to_image: Any, score_pairs: PairScorer, k: int = 16,
                   pair_batch_size: int = 1024, ks: tuple[int, ...] = (1, 5, 10),
                   progress: Callable[[int, int], None] | None = None,
-                  block_elements: int = DEFAULT_BLOCK_ELEMENTS
+                  block_elements: int = DEFAULT_BLOCK_ELEMENTS, score: str = "cross"
                   ) -> tuple[dict[str, float], dict[str, float]]:
   """Recall after re-ranking each query's dual-encoder top-k with a cross encoder.
 
@@ -80,6 +83,7 @@ def rerank_recall(sim: Any, caption_to_image: Any, score_pairs: PairScorer, k: i
     always called with P = pair_batch_size, so a jitted scorer compiles once.
   k: candidates re-ranked per query (LoopITR Table 13: 16), capped at the number of candidates.
   progress: optional callback(pairs_done, pairs_total) after each chunk.
+  score: "cross" (the cross score alone) | "cross+dual" (plus the pair's `sim`, ALBEF's sum).
   A pair in both a text query's and an image query's top-k is scored once. NaN scores rank last.
 
   Returns (metrics, timing). metrics: the keys of `recall_at_k`. timing: "seconds" (selection +
@@ -92,19 +96,23 @@ def rerank_recall(sim: Any, caption_to_image: Any, score_pairs: PairScorer, k: i
     raise ValueError(f"rerank k must be >= 1, got {k}")
   if pair_batch_size < 1:
     raise ValueError(f"pair_batch_size must be >= 1, got {pair_batch_size}")
+  if score not in RERANK_SCORES:
+    raise ValueError(f"rerank score {score!r} is not valid: use one of {', '.join(RERANK_SCORES)}")
   check_ks(ks)
   c2i = check_caption_to_image(tuple(sim.shape), caption_to_image)
   num_images, num_texts = sim.shape
 
-  dual_ranks, top = {}, {}
+  dual_ranks, top, top_dual = {}, {}, {}
   for direction in DIRECTIONS:
     num_candidates = num_texts if direction == "i2t" else num_images
     k_dir = min(k, num_candidates)
-    ranks, tops = [], []
+    ranks, tops, dual = [], [], []
     for _, scores, gold in query_blocks(sim, c2i, direction, block_elements):
       ranks.append(first_gold_rank(scores, gold))
       tops.append(pessimistic_top_k(scores, gold, k_dir))
+      dual.append(np.take_along_axis(np.asarray(scores, np.float64), tops[-1], axis=1))
     dual_ranks[direction], top[direction] = np.concatenate(ranks), np.concatenate(tops)
+    top_dual[direction] = np.concatenate(dual)
 
   # Pair id = image * N_txt + text, for both directions' candidates.
   i2t_ids = np.arange(num_images)[:, None] * num_texts + top["i2t"]
@@ -116,6 +124,8 @@ def rerank_recall(sim: Any, caption_to_image: Any, score_pairs: PairScorer, k: i
   cross = unique_scores[inverse]
   cross_by_direction = {"i2t": cross[:i2t_ids.size].reshape(i2t_ids.shape),
                         "t2i": cross[i2t_ids.size:].reshape(t2i_ids.shape)}
+  if score == "cross+dual":
+    cross_by_direction = {d: cross_by_direction[d] + top_dual[d] for d in DIRECTIONS}
   gold_by_direction = {"i2t": c2i[top["i2t"]] == np.arange(num_images)[:, None],
                        "t2i": top["t2i"] == c2i[:, None]}
 

@@ -29,7 +29,8 @@ from jaxdistill.store.provenance import provenance
 
 def evaluate_and_report(towers: Towers, params, split: EvalSplit, config: ml_collections.ConfigDict,
                         verbose: bool = True) -> dict:
-  """Returns {"dual": metrics, "dual+rerank@k": metrics (with a cross encoder), "split",
+  """Returns {"dual": metrics, "dual+rerank@k": metrics (with a cross encoder; "dual+rerank@k
+  (cross+dual)" with config.eval.rerank_score=cross+dual, ALBEF's re-ranking score), "split",
   "dataset", "num_images", "num_captions", "skipped", "dual_<fold>" (the mean over a fold
   protocol's folds, e.g. COCO's five 1K test folds as "dual_1k"), and with config.eval.ann
   "dual (scann)" (the recalls from ScaNN top-K lists, for galleries too large for exact search)
@@ -91,6 +92,7 @@ def evaluate_and_report(towers: Towers, params, split: EvalSplit, config: ml_col
                                        np.sum(img_emb * false_emb, -1))
 
   if towers.match_scores is not None:
+    rerank_score = ev.get("rerank_score", "cross")   # configs saved before the key lack it
     img_tok_d, txt_tok_d = jnp.asarray(img_tok), jnp.asarray(txt_tok)
     txt_mask_d = jnp.asarray(split.text_mask[keep_texts])
 
@@ -100,7 +102,8 @@ def evaluate_and_report(towers: Towers, params, split: EvalSplit, config: ml_col
 
     reranked, timing = rerank_recall(
         sim, c2i, lambda i, t: np.asarray(score_indexed(jnp.asarray(i), jnp.asarray(t))),
-        k=ev.rerank_k, pair_batch_size=ev.pair_batch_size, block_elements=block_elements)
+        k=ev.rerank_k, pair_batch_size=ev.pair_batch_size, block_elements=block_elements,
+        score=rerank_score)
     reranked["query_ms"] = dual["query_ms"] + timing["ms_per_query"]
 
     if split.probe is not None:
@@ -109,9 +112,13 @@ def evaluate_and_report(towers: Towers, params, split: EvalSplit, config: ml_col
       probe = lambda tok, mask: np.concatenate([
           np.asarray(match(img_tok[s:s + ev.batch_size], tok[s:s + ev.batch_size],
                            mask[s:s + ev.batch_size])) for s in range(0, n, ev.batch_size)])
-      reranked["binding"] = binding_accuracy(probe(true_tok, true_mask),
-                                             probe(false_tok, false_mask))
-    results[f"dual+rerank@{ev.rerank_k}"] = reranked
+      true_cross, false_cross = probe(true_tok, true_mask), probe(false_tok, false_mask)
+      reranked["binding"] = binding_accuracy(true_cross, false_cross)
+      if rerank_score == "cross+dual":   # the re-ranker's own score on the probe pairs
+        reranked["binding_cross+dual"] = binding_accuracy(
+            true_cross + np.sum(img_emb * true_emb, -1), false_cross + np.sum(img_emb * false_emb, -1))
+    suffix = "" if rerank_score == "cross" else f" ({rerank_score})"
+    results[f"dual+rerank@{ev.rerank_k}{suffix}"] = reranked
     results["rerank_timing"] = timing
   if verbose:
     probe_note = (" (binding probe: true vs minimally edited caption, chance 50%; the rerank "

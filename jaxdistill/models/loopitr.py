@@ -16,6 +16,11 @@ Cross encoders (`model.cross_encoder`):
 - "single_stream" (models/bert.BertSingleStream): the same BERT layers as self-attention over
   caption tokens + projected image tokens (ViLT / UNITER; paper 001's "single-stream"), from
   the same checkpoint layers.
+`model.cross_image_positions` > 0 adds a learnt embedding per image-token position (initialised
+N(0, value)) to the image tokens the cross encoder reads, as UNITER adds a location feature to
+each image region: cross-attention is blind to the order of its keys, so without it the cross
+encoder knows where an item is only as far as the image tower wrote it into the token (on the
+benchmark the trained ViT's cell tokens barely say it, its `concat` pooling does: docs/results.md).
 
 Every method is a linen method: `model.apply({"params": params}, images,
 method=LoopITRModel.encode_image)`, and likewise encode_text, match_logits, mlm_logits,
@@ -47,6 +52,16 @@ CONFIG_FIELDS = (
 )
 CROSS_ENCODERS = ("prenorm", "bert", "single_stream")
 ITM_POOLS = ("cls", "mean")
+
+
+class TokenPositions(nn.Module):
+  """tokens [B, M, D] -> tokens + a learnt embedding per position [M, D], N(0, init_std)."""
+  init_std: float
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    table = self.param("embedding", nn.initializers.normal(self.init_std), tokens.shape[1:])
+    return tokens + table.astype(tokens.dtype)
 
 
 class LoopITRModel(nn.Module):
@@ -89,6 +104,8 @@ class LoopITRModel(nn.Module):
     if mc.get("itm_pool", "cls") not in ITM_POOLS:
       raise ValueError(f"--config.model.itm_pool={mc.itm_pool!r} is not valid: use one of "
                        f"{', '.join(ITM_POOLS)}")
+    positions = mc.get("cross_image_positions", 0.0)
+    self.image_positions = TokenPositions(positions) if positions > 0 else None
     self.itm_head = ITMHead(dtype=self.dtype)
     self.mlm_head = MLMHead(mc.vocab_size, dtype=self.dtype)
 
@@ -113,6 +130,8 @@ class LoopITRModel(nn.Module):
     chex.assert_rank([text_tokens, text_mask, image_tokens], [3, 2, 3])
     if self.text_to_cross is not None:
       text_tokens = self.text_to_cross(text_tokens)
+    if self.image_positions is not None:
+      image_tokens = self.image_positions(image_tokens)
     if self.image_to_cross is not None:
       image_tokens = self.image_to_cross(image_tokens)
     return self.cross(text_tokens, text_mask, image_tokens, deterministic)
