@@ -26,6 +26,13 @@ Presets:
               one transformer, model.cross_encoder=single_stream) from the same MiniLM layers
   cross_only_low_lr  ... with the new layers at 3e-4 and the pretrained MiniLM layers at 1e-4
   cross_only_swap  ... on look-alike swap groups only (data.swap_fraction=1)
+  cross_positions  the cross encoder that learns binding (chosen on val with
+              experiments/cross_probe.py): the cross_only set-up (runs/loopitr_itc's trained
+              towers, frozen; ITM alone on in-batch hard negatives) with a learnt position per
+              image token (model.cross_image_positions: cross-attention is blind to token order
+              and the ViT's cell tokens barely carry their cell), a 2-layer width-128 prenorm
+              cross encoder from scratch, lr 1e-3, batch 64, 4000 steps; test split, re-ranks
+              the dual top 4 (~30 min here)
   tiny        seconds; tests
 """
 
@@ -38,7 +45,8 @@ from jaxdistill.models.bert import CHECKPOINT_SUBLAYERS
 
 PROBES = ("cross_only", "cross_only_mean", "cross_only_mixed", "cross_only_bert_init",
           "cross_only_gated", "cross_only_single_stream", "cross_only_low_lr", "cross_only_swap")
-PRESETS = ("paper", "random_itm", "swap", "low_lr", "itm_mean") + PROBES + ("tiny",)
+PRESETS = ("paper", "random_itm", "swap", "low_lr", "itm_mean") + PROBES + ("cross_positions",
+                                                                             "tiny")
 # Params that config.init_from fills from MiniLM (configs/loopitr.py from_pretrained_halves).
 PRETRAINED = rf"student/(dual/text_encoder|cross/layer_\d+/({CHECKPOINT_SUBLAYERS}))/.*"
 # Per probe, the cross-encoder params the towers' run does not have (they keep their init).
@@ -53,6 +61,20 @@ def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
   here = os.path.dirname(os.path.abspath(__file__))
   config = load_config_file(os.path.join(here, "loopitr.py:" + ("tiny" if preset == "tiny" else "cpu")))
   lp = config.loopitr
+  if preset == "cross_positions":
+    config.init_from = ({"source": "workdir:runs/loopitr_itc",
+                         "mapping": (("student/dual/", "student/dual/"),)},)
+    config.trainable = (("student/dual/.*", None), (".*", {}))   # towers (and tau) frozen
+    m = config.model
+    m.cross_encoder, m.cross_image_positions = "prenorm", 1.0
+    m.cross_width, m.cross_layers, m.cross_heads, m.cross_mlp = 128, 2, 4, 512
+    config.batch_size = 64
+    config.train.num_steps, lp.itc_only_steps = 4000, 0
+    config.optim.learning_rate, config.optim.warmup_steps = 1e-3, 50
+    lp.distill_weight = 0.0                    # ITM alone trains the cross encoder
+    config.eval.rerank_k = 4
+    config.train.checkpoint_every = 500
+    return config
   if preset.startswith("cross_only"):
     # Every param from the towers' run, except, with BERT-scale init, its LeCun-initialised
     # cross-attention copies.

@@ -76,6 +76,8 @@ def test_default_presets_validate():
     ("mesh.fsdp", 3, "--config.mesh.fsdp=3 must divide the 8 devices: use one of [1, 2, 4, 8]"),
     ("mesh.data", 2, "--config.mesh.data * --config.mesh.fsdp = 2 * 1 must equal the 8 devices"),
     ("model.kind", "dual", "--config.model.kind='dual': the LoopITR recipe trains a LoopITR"),
+    ("eval.rerank_score", "dual", "--config.eval.rerank_score='dual' is not valid: use one of "
+     "cross, cross+dual"),
 ])
 def test_invalid_values_name_the_key(key, value, needle):
   with pytest.raises(ConfigError, match=".*") as info:
@@ -187,7 +189,7 @@ def test_teacher_section_checked_only_where_a_teacher_is_loaded(tmp_path):
 
 
 @pytest.mark.parametrize("preset", ["cross_only", "cross_only_mean", "cross_only_mixed",
-                                    "cross_only_bert_init"])
+                                    "cross_only_bert_init", "cross_positions"])
 def test_cross_only_probes_need_the_itc_run(preset, tmp_path, monkeypatch):
   """The probes start from runs/loopitr_itc: without it, one error naming the path; with it,
   the preset validates."""
