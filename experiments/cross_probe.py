@@ -5,7 +5,9 @@ outputs of the run's trained, frozen towers, so that a step costs only the cross
 reports on **val**: the cross encoder's binding probe, its accuracy against the dual encoder's
 hardest wrong image, and text->image R@1 after re-ranking the dual top-k of the first caption of
 each image, by the cross score alone and by cross + dual score (ALBEF's re-ranking sum,
-config.eval.rerank_score). The towers are the run's; nothing here changes them.
+config.eval.rerank_score). The towers are the run's; nothing here changes them. With one image
+token per grid cell it first prints how well a linear probe reads a cell's position and item
+from its token.
 
   python experiments/cross_probe.py runs/loopitr_itc --steps=1500 --batch=32 --lr=1e-4 \
       --negatives=hard [--random_steps=500] [--model=cross_gate=True ...] [--init=run|scratch]
@@ -86,6 +88,30 @@ def _hard_pool(query: np.ndarray, keys: np.ndarray, same: np.ndarray, k: int) ->
   return out
 
 
+def _linear_probe_accuracy(x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
+                           classes: int) -> float:
+  """Ridge-regression (1e-2) linear probe onto one-hot targets: val accuracy of its argmax."""
+  a = np.c_[x, np.ones(len(x))]
+  w = np.linalg.solve(a.T @ a + 1e-2 * np.eye(a.shape[1]), a.T @ np.eye(classes)[y])
+  return float(np.mean((np.c_[x_val, np.ones(len(x_val))] @ w).argmax(1) == y_val))
+
+
+def what_the_cell_tokens_say(cached: dict, bench) -> str:
+  """How well a linear probe reads each non-empty cell's position (chance 25%) and item class
+  (chance 10%) from the image tower's cell tokens (tokens 1..4; a 28-px patch is one cell),
+  trained on train, measured on val: what a cross encoder can read from a single token."""
+  def cells(split):
+    tok = cached[split]["img_tok"][:, 1:].astype(np.float32)
+    layout = bench.splits[split].layouts.reshape(-1)
+    keep = layout >= 0
+    return (tok.reshape(-1, tok.shape[-1])[keep], np.tile(np.arange(4), len(tok))[keep],
+            layout[keep])
+  x, pos, item = cells("train")
+  xv, posv, itemv = cells("val")
+  return (f"cell tokens, linear probe on val: position {_linear_probe_accuracy(x, pos, xv, posv, 4):.1%}"
+          f" (chance 25%), item class {_linear_probe_accuracy(x, item, xv, itemv, 10):.1%} (chance 10%)")
+
+
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("workdir")
@@ -101,6 +127,8 @@ def main() -> None:
   ap.add_argument("--rerank_k", type=int, default=4)
   ap.add_argument("--seed", type=int, default=0)
   args = ap.parse_args()
+  if not 0 <= args.warmup < args.steps:
+    ap.error(f"--warmup={args.warmup} must be below --steps={args.steps}")
 
   run = load_run(args.workdir)
   bench = prepare_benchmark(run.config, args.workdir)
@@ -116,6 +144,8 @@ def main() -> None:
       arrays.update(true_ids=true_ids, true_mask=true_mask, false_ids=false_ids, false_mask=false_mask)
     cached[split] = _tokens(run, arrays, os.path.join(cache_dir, f"{split}.npz"))
   print(f"token caches ready in {time.time() - t0:.0f} s", flush=True)
+  if run.config.model.patch_size * 2 == run.config.model.image_size:   # one token per cell
+    print(what_the_cell_tokens_say(cached, bench), flush=True)
 
   # The network: the run's model config with the overrides; params named and shaped as the
   # run's keep its values (--init=run) — the towers always do, they are only read from the cache.
