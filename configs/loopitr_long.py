@@ -32,7 +32,7 @@ Presets:
               image token (model.cross_image_positions: cross-attention is blind to token order
               and the ViT's cell tokens barely carry their cell), a 2-layer width-128 prenorm
               cross encoder from scratch, lr 1e-3, batch 64, 4000 steps; test split, re-ranks
-              the dual top 4 (~30 min here)
+              the dual top 4 (~40 min here)
   tiny        seconds; tests
 """
 

@@ -23,8 +23,8 @@ PRESETS = ("tiny", "cpu", "paper")
 DATA_NAMES = ("fashion_grid", "karpathy_json", "coco", "flickr30k", "tfds", "webdataset")
 EXPORT_QUANTIZATIONS = ("none", "float16", "int8", "int8_full")   # export/tflite.py
 MODEL_DTYPES = ("float32", "bfloat16")          # config.model.dtype: the student's compute dtype
-REMAT_POLICIES = ("none", "full", "dots")
-RERANK_SCORES = ("cross", "cross+dual")         # config.eval.rerank_score (evaluate/rerank.py)       # config.model.remat (models/layers.remat_block)
+REMAT_POLICIES = ("none", "full", "dots")       # config.model.remat (models/layers.remat_block)
+RERANK_SCORES = ("cross", "cross+dual")         # config.eval.rerank_score (evaluate/rerank.py)
 
 
 class ConfigError(JaxDistillError, ValueError):
