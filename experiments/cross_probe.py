@@ -204,10 +204,8 @@ def main() -> None:
   score = jax.jit(lambda t, i, x, m: logits(t, i, x, m)[:, 0])
 
   def scores(t, img_rows, tok, mask, img_tok):
-    out = []
-    for s in range(0, len(img_rows), 256):
-      out.append(np.asarray(score(t, img_tok[img_rows[s:s + 256]], tok[s:s + 256], mask[s:s + 256])))
-    return np.concatenate(out)
+    return embed_in_batches(lambda a: score(t, a["img"], a["tok"], a["mask"]),
+                            {"img": img_tok[img_rows], "tok": tok, "mask": mask}, EMBED_BATCH)
 
   n_val = len(va["img_emb"])
   first = np.arange(n_val) * CAPTIONS_PER_IMAGE           # the first caption of each val image
