@@ -53,7 +53,9 @@ def test_loopitr_teacher_matches_the_model(run):
   want = model.apply({"params": params}, txt_tok, mask, img_tok, method=LoopITRModel.match_logits)
   scores = teacher.match_scores(teacher.params, images, ids, mask)
   assert scores.shape == (16,) and scores.dtype == jnp.float32
-  np.testing.assert_allclose(scores, want[:, 0], atol=1e-5)
+  np.testing.assert_allclose(scores, want[:, 0] - want[:, 1], atol=1e-5)   # ITM log-odds
+  # ... whose sigmoid is the match probability paper 002 thresholds (eq. 4: p in [0, 1])
+  np.testing.assert_allclose(jax.nn.sigmoid(scores), jax.nn.softmax(want, axis=-1)[:, 0], atol=1e-6)
   # pair_outputs: P(match) and the pooled fused feature of indexed pairs of the batch.
   image_index, text_index = np.array([0, 3, 3, 7], np.int32), np.array([0, 0, 5, 2], np.int32)
   p_match, cls = teacher.pair_outputs(teacher.params, images, ids, mask, image_index, text_index)

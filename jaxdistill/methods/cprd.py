@@ -23,12 +23,13 @@ Q_c is the N_c most recent entries of Q (`queue.age < N_c`), so one ring buffer 
 
 Offline (`cprd.bank_dir`, §3.2.2): scores come from the similarity bank that
 `--mode=cache_teacher` wrote with a cross teacher (each image's and each caption's top-N
-candidates by dual-teacher similarity, with the cross teacher's logit); a hard negative absent
+candidates by dual-teacher similarity, with the cross teacher's ITM log-odds); a hard negative absent
 from its query's bank entry is invalid, and any queue entry may be scored (no N_c limit). The
 queue then also stores each entry's caption row, the key of a text in the bank.
 
-Teacher scores (`cprd.teacher_scores`): "cross" = sigmoid of the cross encoder's positive-class
-ITM logit (Teacher.match_scores), the p in [0, 1] that eq. 4's threshold m reads; "dual" =
+Teacher scores (`cprd.teacher_scores`): "cross" = the cross encoder's ITM match probability
+p = softmax(ITM logits)[match] = sigmoid of its log-odds (Teacher.match_scores), the p in [0, 1]
+that eq. 4's threshold m reads (§3.1: p_ij in [0, 1], trained with the ITM cross-entropy); "dual" =
 cosine similarity of the teacher's dual-encoder embeddings (then m is a cosine threshold).
 """
 
@@ -129,7 +130,7 @@ def load_bank(bank_dir: str, train_image_ids: np.ndarray, captions_per_image: in
   """The offline similarity bank (§3.2.2) of a finished teacher cache of the train split as
   device-ready arrays: i2t_keys int32 [N, n] (caption rows c = C * image row + caption),
   i2t_scores [N, n], t2i_keys [N*C, n] (image rows), t2i_scores [N*C, n]; scores are the
-  sigmoid of the cross teacher's ITM logit, as the online `cross` target."""
+  cross teacher's P(match) (sigmoid of its ITM log-odds), as the online `cross` target."""
   try:
     cache = FeatureCache(bank_dir)
   except CacheError as e:

@@ -7,7 +7,8 @@ gradient for its params, whatever the caller passes (tests/test_teachers.py chec
   embed_images(params, images [B,H,W,C] float32) -> [B,E] float32, L2-normalised
   embed_texts(params, ids [B,L] int32, mask [B,L] int32) -> [B,E] float32, L2-normalised
   match_scores(params, images [P,H,W,C], ids [P,L], mask [P,L]) -> [P] float32
-    (a cross encoder's positive-class (ITM "match") logit for the pairs (image p, text p))
+    (a cross encoder's ITM log-odds of a match, logit_match - logit_other, for the pairs
+    (image p, text p): its sigmoid is P(match), the p in [0, 1] of paper 002 eq. 4)
   pair_outputs(params, images [B,H,W,C], ids [B,L], mask [B,L], image_index int32 [P],
     text_index int32 [P]) -> (P(match) [P], fused [CLS] feature [P, D]) float32: the cross
     encoder on P pairs (image image_index[p], text text_index[p]) of one batch, each image and

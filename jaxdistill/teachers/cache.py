@@ -5,7 +5,7 @@ store, keyed by example (image) id, memory-mapped:
   text_emb  [N, C, E]        dual teacher embeddings of the C captions of each image
   i2t_index [N, K], i2t_score [N, K]        (cross teacher only) per image: its top-K captions
       by dual-teacher similarity (caption row = C * image_row + caption) and the cross teacher's
-      positive-class logit on each pair — CPRD's offline similarity bank (paper 002 §3.2.2:
+      ITM log-odds of a match on each pair (Teacher.match_scores; sigmoid = P(match)) — CPRD's offline similarity bank (paper 002 §3.2.2:
       "use the dual-encoder to ... obtain the top-N hard negative texts for each image, then
       compute similarity scores of these pairs with the cross-encoder and store them")
   t2i_index [N*C, K], t2i_score [N*C, K]    the same per caption, over images
@@ -45,7 +45,7 @@ from jaxdistill.progress import Progress
 from jaxdistill.teachers import MultiTeacher, load_teacher
 from jaxdistill.teachers.base import Teacher
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: bank scores are the ITM log-odds (1: the match-class logit alone)
 PHASES = ("embed", "i2t", "t2i")
 
 
@@ -223,7 +223,7 @@ def cache_split(dual: Teacher, cross: Teacher | None, *, images: np.ndarray,
     write_json_atomic(progress_path, state)
 
   def cross_scores(query_rows, cand, image_of, text_of):
-    """Cross logits [R, K] for pairs (query row r, candidate cand[r, k])."""
+    """Cross log-odds [R, K] for pairs (query row r, candidate cand[r, k])."""
     img_rows, txt_rows = image_of(query_rows, cand).reshape(-1), text_of(query_rows, cand).reshape(-1)
     size = batch_size * top_n
     score = cross.match_scores(cross.params, shard(_padded(images[img_rows], size)),

@@ -30,6 +30,11 @@ from jaxdistill.teachers.base import Teacher, cast_params, encode_padded, make_t
 MAX_LEN = 64
 
 
+def _log_odds(itm_logits):
+  """BLIP / ALBEF ITM logits [P, 2] (index 1 = match) -> log P(match) / P(no match) [P]."""
+  return itm_logits[:, 1] - itm_logits[:, 0]
+
+
 def from_checkpoint(path: str, dtype: str = "float32", max_len: int = MAX_LEN) -> Teacher:
   """A CLIP (dual), BLIP / ALBEF retrieval (dual + cross) or ViT / BEiT / data2vec-vision
   (image-only) checkpoint as a frozen Teacher."""
@@ -62,9 +67,10 @@ def from_checkpoint(path: str, dtype: str = "float32", max_len: int = MAX_LEN) -
         embed_images=lambda p, x: apply(p, blip.BlipRetrieval.image_embed,
                                         apply(p, blip.BlipRetrieval.image_tokens, x)),
         embed_texts=lambda p, i, m: apply(p, blip.BlipRetrieval.text_embed, i, m),
-        # ITM logits [P, 2], index 1 = match (BLIP / ALBEF heads)
-        match_scores=lambda p, x, i, m: apply(p, blip.BlipRetrieval.itm_logits,
-                                              apply(p, blip.BlipRetrieval.image_tokens, x), i, m)[:, 1],
+        # ITM logits [P, 2], index 1 = match (BLIP / ALBEF heads): the log-odds of a match
+        match_scores=lambda p, x, i, m: _log_odds(apply(p, blip.BlipRetrieval.itm_logits,
+                                                        apply(p, blip.BlipRetrieval.image_tokens, x),
+                                                        i, m)),
         tokenize=tokenize)
   raise ValueError(f"{path} loads as a {type(module).__name__}; a teacher needs a CLIP, a "
                    "BLIP / ALBEF retrieval or a ViT / BEiT / data2vec-vision checkpoint "

@@ -50,14 +50,16 @@ def from_workdir(workdir: str, dtype: str = "float32") -> Teacher:
 def from_towers(name: str, t: Towers, params, temperature: float | None,
                 tokenize: Callable | None = None) -> Teacher:
   """A network's `Towers` (models/build.py) and params as a Teacher: its dual towers, and with
-  a cross encoder match_scores and pair_outputs (P(match) = softmax of the ITM logits at the
-  match class 0, and the pooled fused feature). An image-only network's towers (model.kind
+  a cross encoder match_scores (the ITM log-odds logit_match - logit_other, whose sigmoid is
+  P(match)) and pair_outputs (P(match) = softmax of the ITM logits at the match class 0, and
+  the pooled fused feature). An image-only network's towers (model.kind
   "image") give embed_images (its normalised [CLS]); its embed_texts raises ImageOnlyError."""
 
   def match_scores(p, images, ids, mask):
     _, image_tokens = t.embed_image(p, images)
     _, text_tokens = t.embed_text(p, ids, mask)
-    return t.match_scores(p, image_tokens, text_tokens, mask)
+    logits, _ = t.match_outputs(p, image_tokens, text_tokens, mask)
+    return logits[:, 0] - logits[:, 1]   # ITMHead: 0 = match; log-odds, sigmoid = P(match)
 
   def pair_outputs(p, images, ids, mask, image_index, text_index):
     _, image_tokens = t.embed_image(p, images)
