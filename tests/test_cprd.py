@@ -115,6 +115,43 @@ def test_other_switches_are_finite_and_enqueue_the_batch(setup):
                                 _batch()["image_id"])
 
 
+def test_cross_scores_embed_each_side_once_and_are_the_match_probability():
+  """The online cross scorer (pair_outputs: each image and caption embedded once, pair p =
+  (image p // (P/Pi), text p // (P/Pt))) equals every pair through the cross encoder with the
+  query side repeated, and is softmax(ITM logits)[match] (paper 002's p in [0, 1])."""
+  from jaxdistill.models.loopitr import LoopITRModel
+  from jaxdistill.teachers.workdir import from_towers
+  config = _config()
+  tc = config.model.copy_and_resolve_references()
+  tc.kind = "loopitr"
+  model = build_model(tc)
+  params = init_params(model, tc, jax.random.PRNGKey(3))
+  teacher = from_towers("loopitr", towers(model), params, 0.07)
+  assert teacher.pair_outputs is not None
+  score = cprd_method._scorer(teacher, "cross")
+  rng = np.random.default_rng(4)
+  b, k = 3, 4
+  images = rng.normal(size=(b * k, 56, 56, 1)).astype(np.float32)
+  ids, mask = random_captions(rng, b * k)
+
+  def brute(img, txt_ids, txt_mask):   # every pair through the whole network
+    _, it = model.apply({"params": params}, img, method=LoopITRModel.encode_image)
+    _, tt = model.apply({"params": params}, txt_ids, txt_mask, method=LoopITRModel.encode_text)
+    logits = model.apply({"params": params}, tt, txt_mask, it, method=LoopITRModel.match_logits)
+    return jax.nn.softmax(logits, axis=-1)[:, 0]
+
+  rep = lambda x: np.repeat(x[:b], k, axis=0)
+  np.testing.assert_allclose(score(params, images[:b], ids, mask),          # i2t: image once
+                             brute(rep(images), ids, mask), atol=1e-5)
+  np.testing.assert_allclose(score(params, images, ids[:b], mask[:b]),      # t2i: text once
+                             brute(images, rep(ids), rep(mask)), atol=1e-5)
+  np.testing.assert_allclose(score(params, images, ids, mask), brute(images, ids, mask), atol=1e-5)
+  # A teacher with match_scores only (the repeat path) gives the same probabilities.
+  repeat = cprd_method._scorer(make_teacher("m", params, match_scores=teacher.match_scores), "cross")
+  np.testing.assert_allclose(repeat(params, images[:b], ids, mask),
+                             score(params, images[:b], ids, mask), atol=1e-5)
+
+
 def test_momentum_encoder_and_teacher_get_no_gradient(setup):
   """The momentum encoder (frozen["ema"]["student"]) and the teacher's params (frozen["teacher"])
   are read under stop-grad: the loss's gradient with respect to them is zero."""

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -57,9 +58,15 @@ def test_round_trip_keyed_by_id(setup, tmp_path):
   sim = got["image_emb"] @ all_txt.T
   np.testing.assert_array_equal(got["i2t_index"], np.argsort(-sim, axis=1)[:, :TOP_N])
   cand = got["i2t_index"].reshape(-1)
-  want_scores = teacher.match_scores(teacher.params, np.repeat(images, TOP_N, axis=0),
-                                     ids_[cand], mask_[cand])
-  np.testing.assert_allclose(got["i2t_score"].reshape(-1), want_scores, atol=1e-4)
+  # P(match): the sigmoid of the ITM log-odds, every pair through the whole network
+  want_scores = jax.nn.sigmoid(teacher.match_scores(teacher.params, np.repeat(images, TOP_N, axis=0),
+                                                    ids_[cand], mask_[cand]))
+  np.testing.assert_allclose(got["i2t_score"].reshape(-1), want_scores, atol=1e-5)
+  t2i_rows = np.array([3, 40, 89])
+  want_t2i = jax.nn.sigmoid(teacher.match_scores(
+      teacher.params, data["images"][cache.t2i_index[t2i_rows].reshape(-1)],
+      np.repeat(ids_[t2i_rows], TOP_N, axis=0), np.repeat(mask_[t2i_rows], TOP_N, axis=0)))
+  np.testing.assert_allclose(cache.t2i_score[t2i_rows].reshape(-1), want_t2i, atol=1e-5)
   assert cache.t2i_index.shape == (N * 5, TOP_N) and np.all(cache.t2i_index < N)
   with pytest.raises(KeyError, match="image id 123456789 is not in the teacher cache"):
     cache.lookup([123456789])
@@ -67,11 +74,11 @@ def test_round_trip_keyed_by_id(setup, tmp_path):
                                       batch_size=BATCH, top_n=TOP_N, bank=("i2t",), log=lambda line: None))
   np.testing.assert_array_equal(i2t_only.i2t_score, cache.i2t_score)
   assert "t2i_score" not in i2t_only.meta["arrays"]
-  # The same bank read by offline CPRD (methods/cprd.py load_bank): sigmoid of the logits.
+  # The same bank read by offline CPRD (methods/cprd.py load_bank): P(match) as stored.
   from jaxdistill.config import ConfigError
   from jaxdistill.methods.cprd import load_bank
   bank = load_bank(str(tmp_path / "test"), data["image_ids"], 5)
-  np.testing.assert_allclose(bank["i2t_scores"], 1 / (1 + np.exp(-cache.i2t_score)), rtol=1e-6)
+  np.testing.assert_array_equal(bank["i2t_scores"], cache.i2t_score)
   np.testing.assert_array_equal(bank["t2i_keys"], cache.t2i_index)
   with pytest.raises(ConfigError, match="cprd.bank_dir=.*another train split"):
     load_bank(str(tmp_path / "test"), data["image_ids"] + 1, 5)
@@ -87,15 +94,15 @@ def test_interrupted_run_resumes_to_the_same_cache(setup, tmp_path):
   reference = FeatureCache(_cache(teacher, data, tmp_path / "reference" / "test"))
   calls = {"n": 0}
 
-  def failing(params, images, ids, mask):   # dies in the middle of the t2i phase
+  def failing(params, *inputs):   # dies in the middle of the t2i phase
     calls["n"] += 1
     if calls["n"] > 5:
       raise RuntimeError("injected failure")
-    return teacher.match_scores(params, images, ids, mask)
+    return teacher.pair_outputs(params, *inputs)
 
   out = tmp_path / "resumed" / "test"
   with pytest.raises(RuntimeError, match="injected"):
-    _cache(teacher, data, out, cross=dataclasses.replace(teacher, match_scores=failing))
+    _cache(teacher, data, out, cross=dataclasses.replace(teacher, pair_outputs=failing))
   assert not out.exists()                                   # nothing visible under the final name
   with pytest.raises(CacheError, match="unfinished cache"):
     FeatureCache(str(out))

@@ -23,7 +23,7 @@ Q_c is the N_c most recent entries of Q (`queue.age < N_c`), so one ring buffer 
 
 Offline (`cprd.bank_dir`, §3.2.2): scores come from the similarity bank that
 `--mode=cache_teacher` wrote with a cross teacher (each image's and each caption's top-N
-candidates by dual-teacher similarity, with the cross teacher's ITM log-odds); a hard negative absent
+candidates by dual-teacher similarity, with the cross teacher's P(match)); a hard negative absent
 from its query's bank entry is invalid, and any queue entry may be scored (no N_c limit). The
 queue then also stores each entry's caption row, the key of a text in the bank.
 
@@ -99,21 +99,24 @@ def _scorer(teacher, kind: str):
   """score(teacher params, images [Pi,H,W,C], ids [Pt,L], mask [Pt,L]) -> [P], P = max(Pi, Pt).
 
   Pairs of B queries with K candidates each, flattened query-major: the query side comes once
-  ([B, ...]) and the candidate side as [B*K, ...]; the side with fewer rows is repeated K times
-  (cross: every pair goes through the cross encoder) or its embeddings broadcast (dual: each
-  image and text is embedded once). Pi == Pt: plain pairs."""
+  ([B, ...]) and the candidate side as [B*K, ...]; Pi == Pt: plain pairs. Each image and text is
+  embedded once: dual, the embeddings are broadcast; cross, pair p is (image p // (P / Pi),
+  text p // (P / Pt)) through `Teacher.pair_outputs` (a teacher without it: the side with fewer
+  rows repeated K times, every pair through `match_scores`)."""
   if kind == "cross":
     if not teacher.is_cross:
       raise ConfigError(f"teacher {teacher.name} has no cross encoder: use "
                         "--config.cprd.teacher_scores=dual or a cross teacher")
 
     def cross(p, images, ids, mask):
-      k = max(images.shape[0], ids.shape[0]) // min(images.shape[0], ids.shape[0])
-      if images.shape[0] < ids.shape[0]:
-        images = jnp.repeat(images, k, axis=0)
-      elif ids.shape[0] < images.shape[0]:
-        ids, mask = jnp.repeat(ids, k, axis=0), jnp.repeat(mask, k, axis=0)
-      return jax.nn.sigmoid(teacher.match_scores(p, images, ids, mask))
+      pi, pt = images.shape[0], ids.shape[0]
+      n = max(pi, pt)
+      if teacher.pair_outputs is not None:   # P(match) = softmax(ITM logits)[match]
+        pairs = jnp.arange(n, dtype=jnp.int32)
+        return teacher.pair_outputs(p, images, ids, mask, pairs // (n // pi), pairs // (n // pt))[0]
+      images, ids, mask = (jnp.repeat(images, n // pi, axis=0), jnp.repeat(ids, n // pt, axis=0),
+                           jnp.repeat(mask, n // pt, axis=0))
+      return jax.nn.sigmoid(teacher.match_scores(p, images, ids, mask))   # sigmoid(log-odds)
     return cross
   if not teacher.is_dual:
     raise ConfigError(f"teacher {teacher.name} has no dual towers: use --config.cprd.teacher_scores=cross")
@@ -130,7 +133,7 @@ def load_bank(bank_dir: str, train_image_ids: np.ndarray, captions_per_image: in
   """The offline similarity bank (§3.2.2) of a finished teacher cache of the train split as
   device-ready arrays: i2t_keys int32 [N, n] (caption rows c = C * image row + caption),
   i2t_scores [N, n], t2i_keys [N*C, n] (image rows), t2i_scores [N*C, n]; scores are the
-  cross teacher's P(match) (sigmoid of its ITM log-odds), as the online `cross` target."""
+  cross teacher's P(match), as the online `cross` target."""
   try:
     cache = FeatureCache(bank_dir)
   except CacheError as e:
@@ -144,9 +147,10 @@ def load_bank(bank_dir: str, train_image_ids: np.ndarray, captions_per_image: in
                       f"({len(cache.image_ids)} images x {cache.meta['captions_per_image']} captions; "
                       f"this run trains on {len(train_image_ids)} x {captions_per_image}): rerun "
                       "--mode=cache_teacher with this config's data settings")
-  sigmoid = lambda x: (1.0 / (1.0 + np.exp(-np.asarray(x, np.float64)))).astype(np.float32)
-  return {"i2t_keys": np.asarray(cache.i2t_index, np.int32), "i2t_scores": sigmoid(cache.i2t_score),
-          "t2i_keys": np.asarray(cache.t2i_index, np.int32), "t2i_scores": sigmoid(cache.t2i_score)}
+  return {"i2t_keys": np.asarray(cache.i2t_index, np.int32),
+          "i2t_scores": np.asarray(cache.i2t_score, np.float32),
+          "t2i_keys": np.asarray(cache.t2i_index, np.int32),
+          "t2i_scores": np.asarray(cache.t2i_score, np.float32)}
 
 
 def make_loss_fn(config: ml_collections.ConfigDict, model, score_pairs, image_offset: int,

@@ -5,7 +5,8 @@ store, keyed by example (image) id, memory-mapped:
   text_emb  [N, C, E]        dual teacher embeddings of the C captions of each image
   i2t_index [N, K], i2t_score [N, K]        (cross teacher only) per image: its top-K captions
       by dual-teacher similarity (caption row = C * image_row + caption) and the cross teacher's
-      ITM log-odds of a match on each pair (Teacher.match_scores; sigmoid = P(match)) — CPRD's offline similarity bank (paper 002 §3.2.2:
+      match probability P(match) = softmax(ITM logits)[match] on each pair — CPRD's offline
+      similarity bank (paper 002 §3.2.2:
       "use the dual-encoder to ... obtain the top-N hard negative texts for each image, then
       compute similarity scores of these pairs with the cross-encoder and store them")
   t2i_index [N*C, K], t2i_score [N*C, K]    the same per caption, over images
@@ -45,7 +46,7 @@ from jaxdistill.progress import Progress
 from jaxdistill.teachers import MultiTeacher, load_teacher
 from jaxdistill.teachers.base import Teacher
 
-FORMAT_VERSION = 2   # 2: bank scores are the ITM log-odds (1: the match-class logit alone)
+FORMAT_VERSION = 2   # 2: bank scores are P(match) (1: the match-class logit alone)
 PHASES = ("embed", "i2t", "t2i")
 
 
@@ -222,14 +223,24 @@ def cache_split(dual: Teacher, cross: Teacher | None, *, images: np.ndarray,
     state["done"][phase] = done
     write_json_atomic(progress_path, state)
 
-  def cross_scores(query_rows, cand, image_of, text_of):
-    """Cross log-odds [R, K] for pairs (query row r, candidate cand[r, k])."""
-    img_rows, txt_rows = image_of(query_rows, cand).reshape(-1), text_of(query_rows, cand).reshape(-1)
-    size = batch_size * top_n
-    score = cross.match_scores(cross.params, shard(_padded(images[img_rows], size)),
-                               shard(_padded(cross_ids[txt_rows], size)),
-                               shard(_padded(cross_mask[txt_rows], size)))
-    return np.asarray(score)[:len(img_rows)].reshape(cand.shape)
+  def cross_scores(query_rows, cand, i2t):
+    """P(match) [R, K] of the pairs (query row r, candidate cand[r, k]); i2t: images query.
+    With `Teacher.pair_outputs` each image and caption goes through its tower once (pair p =
+    query p // K, candidate p); otherwise every pair through match_scores, sigmoid(log-odds)."""
+    r, k = cand.shape
+    queries, cands = _padded(query_rows, batch_size), _padded(cand, batch_size).reshape(-1)
+    img_rows, txt_rows = (queries, cands) if i2t else (cands, queries)
+    if cross.pair_outputs is not None:
+      pairs = np.arange(batch_size * k, dtype=np.int32)
+      by_query, by_pair = pairs // k, pairs
+      p = cross.pair_outputs(cross.params, shard(images[img_rows]), shard(cross_ids[txt_rows]),
+                             shard(cross_mask[txt_rows]), *((by_query, by_pair) if i2t else
+                                                            (by_pair, by_query)))[0]
+    else:
+      img_rows, txt_rows = (np.repeat(img_rows, k), txt_rows) if i2t else (img_rows, np.repeat(txt_rows, k))
+      p = jax.nn.sigmoid(cross.match_scores(cross.params, shard(images[img_rows]),
+                                            shard(cross_ids[txt_rows]), shard(cross_mask[txt_rows])))
+    return np.asarray(p)[:r * k].reshape(r, k)
 
   def top(query: np.ndarray, keys: np.ndarray) -> np.ndarray:
     sim = np.asarray(jnp.matmul(jnp.asarray(query), jnp.asarray(keys).T,
@@ -252,15 +263,12 @@ def cache_split(dual: Teacher, cross: Teacher | None, *, images: np.ndarray,
   def i2t_chunk(s, t):
     cand = top(arrays["image_emb"][s:t], arrays["text_emb"].reshape(n * c, e))
     arrays["i2t_index"][s:t] = cand
-    arrays["i2t_score"][s:t] = cross_scores(np.arange(s, t), cand,
-                                            lambda q, k: np.broadcast_to(q[:, None], k.shape),
-                                            lambda q, k: k)
+    arrays["i2t_score"][s:t] = cross_scores(np.arange(s, t), cand, i2t=True)
 
   def t2i_chunk(s, t):
     cand = top(arrays["text_emb"].reshape(n * c, e)[s:t], arrays["image_emb"])
     arrays["t2i_index"][s:t] = cand
-    arrays["t2i_score"][s:t] = cross_scores(np.arange(s, t), cand, lambda q, k: k,
-                                            lambda q, k: np.broadcast_to(q[:, None], k.shape))
+    arrays["t2i_score"][s:t] = cross_scores(np.arange(s, t), cand, i2t=False)
 
   phases = [("embed", n, embed_chunk)]
   phases += [p for p in (("i2t", n, i2t_chunk), ("t2i", n * c, t2i_chunk)) if p[0] in bank]
