@@ -5,6 +5,11 @@ Run (CPU preset, bundled compositional Fashion-MNIST benchmark; teacher = runs/l
   python -m jaxdistill.main --config=configs/cprd.py --workdir=runs/cprd
 Other presets:  --config=configs/cprd.py:tiny   (seconds; tests — set --config.teachers.teacher.path)
                 --config=configs/cprd.py:paper  (N_q 57,856, N_c 16,384, K 16, m 0.75, §4.2)
+                --config=configs/cprd.py:pretrained  (the student of `make train`'s dual encoder:
+                  MiniLM-L6's first 3 layers, mean pooling, its WordPiece, and the cpu ViT;
+                  teacher runs/cross_positions_s0, configs/loopitr_long.py:cross_positions, whose
+                  cross encoder ranks better than its dual similarity; 200 steps at batch 64,
+                  K = 8: docs/cprd.md's cross-teacher table)
 Table 5 (one switch; same student, steps, seed):
   --config.cprd.distill=none | kl | m3se | rm3se | cprd | cprd_mstar
 Ablations:
@@ -21,12 +26,23 @@ Offline variant (§3.2.2; scores from the similarity bank, no teacher in the ste
 import ml_collections
 
 from jaxdistill import config as base_config
+from jaxdistill.pretrained import tower_configs
+
+PRESETS = ("tiny", "cpu", "paper", "pretrained")
 
 
 def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
-  config = base_config.base_config(preset)
+  if preset not in PRESETS:
+    raise ValueError(f"unknown cprd preset {preset!r}: use one of {', '.join(PRESETS)} "
+                     "(e.g. --config=configs/cprd.py:cpu)")
+  pretrained = preset == "pretrained"
+  config = base_config.base_config("cpu" if pretrained else preset)
   config.method = "cprd"
   tiny, paper = preset == "tiny", preset == "paper"
+  if pretrained:   # the teacher reads the student's token ids: both tokenize as MiniLM does
+    tower_configs.minilm(config, "student/", layers=3)
+    # 2 CPU cores: the online teacher's text tower embeds B*K + B captions a step (~3 s)
+    config.batch_size, config.train.num_steps = 64, 200
   if paper:   # paper 002 §4.2: batch 512, AdamW lr 3e-4 warmed up over 2000 steps, cosine to 1e-5
     config.batch_size = 512
     config.optim.learning_rate = 3e-4
@@ -39,7 +55,7 @@ def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
   # N_q: queue of momentum features (§4.2: 57,856); tiny: not a multiple of the batch on purpose.
   cp.queue_size = 40 if tiny else (57_856 if paper else 1024)
   cp.cross_queue_size = 24 if tiny else (16_384 if paper else 512)   # N_c (Table 2)
-  cp.num_hard = 4 if tiny else 16                                    # K (Table 3)
+  cp.num_hard = 4 if tiny else (8 if pretrained else 16)             # K (Table 3)
   cp.threshold = 0.75                                                # m (Table 4)
   cp.distill_weight = 1.0                                            # eq. 9: L_align + L_CPRD
   # Offline CPRD (§3.2.2): a teacher cache of the train split with a cross bank, e.g.
@@ -47,6 +63,7 @@ def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
   cp.bank_dir = ""
 
   # The frozen teacher (online scores): a trained LoopITR run (cross + dual) or a dual run.
-  config.teachers.teacher = base_config.teacher_section("workdir", "" if tiny else "runs/loopitr")
+  config.teachers.teacher = base_config.teacher_section(
+      "workdir", "" if tiny else ("runs/cross_positions_s0" if pretrained else "runs/loopitr"))
   config.teacher_cache.teacher = "teacher"   # --mode=cache_teacher caches it (offline bank)
   return config

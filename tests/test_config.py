@@ -39,7 +39,7 @@ def test_default_presets_validate():
     _validate(recipe_config("loopitr", preset))
   for preset in ("tiny", "paper", "random_itm", "swap", "low_lr", "itm_mean"):
     _validate(recipe_config("loopitr_long", preset))
-  for name, presets in (("dual", ("tiny", "cpu")), ("cprd", ("tiny", "cpu")),
+  for name, presets in (("dual", ("tiny", "cpu")), ("cprd", ("tiny", "cpu", "pretrained")),
                         ("mcad", ("tiny", "cpu", "mobile"))):
     for preset in presets:
       config = recipe_config(name, preset)
