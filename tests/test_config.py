@@ -48,11 +48,14 @@ def test_default_presets_validate():
       _validate(config)
   for preset in ("tiny", "cpu"):
     _validate(recipe_config("lit_teacher", preset))
-  for preset in ("tiny", "dual", "short", "cpu"):
+  for preset in ("tiny", "dual", "short", "cpu", "towers"):
     _validate(recipe_config("teacher", preset))
-  # The cross preset starts from the :dual run's towers (config.init_from): a source that does
-  # not exist stops the run before anything is built, naming the entry and the fix.
-  cross = recipe_config("teacher", "cross")
+  towers = recipe_config("teacher", "towers")   # runs/loopitr_itc: the pretrained towers, ITC only
+  assert towers.loopitr.itc_only_steps == towers.train.num_steps == 410
+  assert recipe_config("teacher", "cross").init_from[0]["source"] == "workdir:runs/loopitr_itc"
+  # The cross_on_dual preset starts from the :dual run's towers (config.init_from): a source that
+  # does not exist stops the run before anything is built, naming the entry and the fix.
+  cross = recipe_config("teacher", "cross_on_dual")
   assert cross.init_from[0]["source"] == "workdir:runs/teacher_dual"
   cross.init_from = (dict(cross.init_from[0], source="workdir:/no/such/run"),)
   with pytest.raises(ConfigError, match=r"init_from\[0\] source 'workdir:/no/such/run': "
