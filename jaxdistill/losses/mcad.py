@@ -148,7 +148,8 @@ def single_stream_scores(match_logits: jax.Array, match_index: int | None = None
     0); with match_index None, [...] logits of a one-logit binary head and P(match) = sigmoid
     (not the positive-class logit of a two-class head, whose probability needs the other
     logit). A probability, not a logit, so that eq. 11's L1 normalisation is defined (Appendix
-    C: "between 0 and 1"; `teachers.base` match_scores returns the positive-class logit only).
+    C: "between 0 and 1"; `teachers.base` match_scores returns the ITM log-odds, whose sigmoid
+    is this probability).
   Returns float32 probabilities of shape [...] (e.g. [n, k]) under stop_gradient."""
   logits = jax.lax.stop_gradient(match_logits).astype(jnp.float32)
   if match_index is None:
