@@ -3,7 +3,10 @@ the per-step losses and metrics recorded before the training contract (commit d9
 simulated devices, the old `train_and_evaluate`), to 1e-6 (float32; gradient norms 1e-5).
 
 tests/data/recipes_before_contract.json holds those records; the teacher and tower runs they
-read are random networks of the tiny preset (seed 1), rebuilt here the same way.
+read are random networks of the tiny preset (seed 1), rebuilt here the same way. Re-recorded
+on purpose since: the CPRD variants that read the cross teacher's scores (cprd_kl, _m3se,
+_rm3se, _cprd, _cprd_mstar, cprd_bank_*) on 2026-12-02, when that score became the ITM match
+probability softmax(logits)[match] instead of sigmoid(match logit) (Teacher.match_scores).
 """
 
 import json
