@@ -146,7 +146,7 @@ def test_cross_scores_embed_each_side_once_and_are_the_match_probability():
   np.testing.assert_allclose(score(params, images, ids[:b], mask[:b]),      # t2i: text once
                              brute(images, rep(ids), rep(mask)), atol=1e-5)
   np.testing.assert_allclose(score(params, images, ids, mask), brute(images, ids, mask), atol=1e-5)
-  # A teacher with match_scores only (the repeat path) gives the same probabilities.
+  # A teacher with match_scores only (pairs gathered, sigmoid of the log-odds): the same.
   repeat = cprd_method._scorer(make_teacher("m", params, match_scores=teacher.match_scores), "cross")
   np.testing.assert_allclose(repeat(params, images[:b], ids, mask),
                              score(params, images[:b], ids, mask), atol=1e-5)

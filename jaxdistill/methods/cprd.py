@@ -52,6 +52,7 @@ from jaxdistill.methods.base import STUDENT, Recipe, dropout_rngs, student_modul
 from jaxdistill.models.build import towers as towers_of
 from jaxdistill.parallel import queue as fq
 from jaxdistill.teachers import load_teacher
+from jaxdistill.teachers.base import pair_match_probability
 from jaxdistill.teachers.cache import CacheError, FeatureCache
 
 DISTILL = ("none", "kl", "m3se", "rm3se", "cprd", "cprd_mstar")
@@ -100,23 +101,18 @@ def _scorer(teacher, kind: str):
 
   Pairs of B queries with K candidates each, flattened query-major: the query side comes once
   ([B, ...]) and the candidate side as [B*K, ...]; Pi == Pt: plain pairs. Each image and text is
-  embedded once: dual, the embeddings are broadcast; cross, pair p is (image p // (P / Pi),
-  text p // (P / Pt)) through `Teacher.pair_outputs` (a teacher without it: the side with fewer
-  rows repeated K times, every pair through `match_scores`)."""
+  embedded once: dual, the embeddings are broadcast; cross, P(match) of pair p = (image
+  p // (P / Pi), text p // (P / Pt)) by `teachers.base.pair_match_probability`."""
   if kind == "cross":
     if not teacher.is_cross:
       raise ConfigError(f"teacher {teacher.name} has no cross encoder: use "
                         "--config.cprd.teacher_scores=dual or a cross teacher")
 
     def cross(p, images, ids, mask):
-      pi, pt = images.shape[0], ids.shape[0]
-      n = max(pi, pt)
-      if teacher.pair_outputs is not None:   # P(match) = softmax(ITM logits)[match]
-        pairs = jnp.arange(n, dtype=jnp.int32)
-        return teacher.pair_outputs(p, images, ids, mask, pairs // (n // pi), pairs // (n // pt))[0]
-      images, ids, mask = (jnp.repeat(images, n // pi, axis=0), jnp.repeat(ids, n // pt, axis=0),
-                           jnp.repeat(mask, n // pt, axis=0))
-      return jax.nn.sigmoid(teacher.match_scores(p, images, ids, mask))   # sigmoid(log-odds)
+      n = max(images.shape[0], ids.shape[0])
+      pairs = jnp.arange(n, dtype=jnp.int32)
+      return pair_match_probability(teacher, p, images, ids, mask,
+                                    pairs // (n // images.shape[0]), pairs // (n // ids.shape[0]))
     return cross
   if not teacher.is_dual:
     raise ConfigError(f"teacher {teacher.name} has no dual towers: use --config.cprd.teacher_scores=cross")

@@ -101,6 +101,19 @@ def make_teacher(name: str, params: Any, *, embed_images: Callable | None = None
                  temperature=None if temperature is None else float(temperature))
 
 
+def pair_match_probability(teacher: Teacher, params: Any, images, ids, mask, image_index,
+                           text_index) -> jax.Array:
+  """P(match) [P] = softmax(ITM logits)[match] of the pairs (images[image_index[p]],
+  ids / mask[text_index[p]]) of a cross teacher: through `pair_outputs` (each image and text
+  embedded once) when it has one, otherwise the pairs gathered and the sigmoid of
+  `match_scores` (the ITM log-odds). images [Bi,H,W,C], ids / mask [Bt,L], indices int [P]."""
+  if teacher.pair_outputs is not None:
+    return teacher.pair_outputs(params, images, ids, mask, image_index, text_index)[0]
+  take = lambda x, index: jnp.take(jnp.asarray(x), index, axis=0)
+  return jax.nn.sigmoid(teacher.match_scores(params, take(images, image_index),
+                                             take(ids, text_index), take(mask, text_index)))
+
+
 def encode_padded(tokenizer: tokenizers.Tokenizer, texts: list[str],
                   max_len: int) -> tuple[np.ndarray, np.ndarray]:
   """A pretrained teacher's own tokenizer (its tokenizer.json: special tokens added, its padding

@@ -44,7 +44,7 @@ from jaxdistill.parallel.mesh import batch_sharding, make_mesh
 from jaxdistill.parallel.sharding import tree_shardings
 from jaxdistill.progress import Progress
 from jaxdistill.teachers import MultiTeacher, load_teacher
-from jaxdistill.teachers.base import Teacher
+from jaxdistill.teachers.base import Teacher, pair_match_probability
 
 FORMAT_VERSION = 2   # 2: bank scores are P(match) (1: the match-class logit alone)
 PHASES = ("embed", "i2t", "t2i")
@@ -225,21 +225,15 @@ def cache_split(dual: Teacher, cross: Teacher | None, *, images: np.ndarray,
 
   def cross_scores(query_rows, cand, i2t):
     """P(match) [R, K] of the pairs (query row r, candidate cand[r, k]); i2t: images query.
-    With `Teacher.pair_outputs` each image and caption goes through its tower once (pair p =
-    query p // K, candidate p); otherwise every pair through match_scores, sigmoid(log-odds)."""
+    Each query and candidate is embedded once (pair p = query p // K, candidate p)."""
     r, k = cand.shape
     queries, cands = _padded(query_rows, batch_size), _padded(cand, batch_size).reshape(-1)
     img_rows, txt_rows = (queries, cands) if i2t else (cands, queries)
-    if cross.pair_outputs is not None:
-      pairs = np.arange(batch_size * k, dtype=np.int32)
-      by_query, by_pair = pairs // k, pairs
-      p = cross.pair_outputs(cross.params, shard(images[img_rows]), shard(cross_ids[txt_rows]),
-                             shard(cross_mask[txt_rows]), *((by_query, by_pair) if i2t else
-                                                            (by_pair, by_query)))[0]
-    else:
-      img_rows, txt_rows = (np.repeat(img_rows, k), txt_rows) if i2t else (img_rows, np.repeat(txt_rows, k))
-      p = jax.nn.sigmoid(cross.match_scores(cross.params, shard(images[img_rows]),
-                                            shard(cross_ids[txt_rows]), shard(cross_mask[txt_rows])))
+    pairs = np.arange(batch_size * k, dtype=np.int32)
+    by_query, by_pair = pairs // k, pairs
+    p = pair_match_probability(cross, cross.params, shard(images[img_rows]),
+                               shard(cross_ids[txt_rows]), shard(cross_mask[txt_rows]),
+                               *((by_query, by_pair) if i2t else (by_pair, by_query)))
     return np.asarray(p)[:r * k].reshape(r, k)
 
   def top(query: np.ndarray, keys: np.ndarray) -> np.ndarray:
