@@ -1,17 +1,23 @@
 r"""MCAD (paper 001): dual-encoder student, dual-stream + single-stream teachers fused by a
 trainable integration module; L_total = L_MT + L_MT_FA (eq. 7-9).
 
-Run (CPU preset, bundled benchmark; teachers = the benchmark's, configs/teacher.py; the mobile
-preset's: configs/lit_teacher.py -> runs/lit_teacher, configs/loopitr.py -> runs/loopitr):
-  python -m jaxdistill.main --config=configs/teacher.py:dual --workdir=runs/teacher_dual
-  python -m jaxdistill.main --config=configs/teacher.py:cpu --workdir=runs/teacher
+Run (CPU preset, bundled benchmark; teachers = the benchmark's, configs/teacher.py: the dual
+stream is the pretrained towers after ITC, the single stream the cross encoder trained on them):
+  python -m jaxdistill.main --config=configs/teacher.py:towers --workdir=runs/loopitr_itc          # ~12 min
+  python -m jaxdistill.main --config=configs/teacher.py:cross --workdir=runs/cross_positions_s0    # ~40 min
   python -m jaxdistill.main --config=configs/mcad.py --workdir=runs/mcad
-Presets: --config=configs/mcad.py:tiny (seconds; tests set the teacher paths), :cpu (default),
-         :paper (k = 11, lr 1e-4, two-layer MLPs; App. A-B),
+Presets: --config=configs/mcad.py:tiny (seconds; tests set the teacher paths),
+         :cpu (default: the student of `make train`'s dual encoder, MiniLM-L6's first 3 layers
+         with its WordPiece, which both teachers share, + the cpu ViT, embed_dim 128 = the dual
+         teacher's; 200 steps at batch 64 on 2 CPU cores; docs/mcad.md's Table 1),
+         :paper (k = 11, lr 1e-4, two-layer MLPs; App. A-B; teachers of the `dual` / `cpu`
+         teacher presets, embed_dim 256),
          :mobile (paper 001 §4.3's phone student, MobileViTv2 + TinyBERT there: here the ImageNet
          EfficientNet-Lite0 image tower at 64 px and MiniLM-L6's first 3 layers, both from the
-         packaged weights via init_from; the cpu preset's recipe; export: docs/export.md)
-Table 1 (one switch; same student, steps, seed; methods/mcad.py TABLE_1):
+         packaged weights via init_from; export: docs/export.md; teachers configs/lit_teacher.py
+         -> runs/lit_teacher, configs/loopitr.py -> runs/loopitr)
+Table 1 (one switch; same student, steps, seed; methods/mcad.py TABLE_1;
+experiments/mcad_table1.sh runs every row and seed):
   --config.mcad.loss=gt | clip | gt+clip | albef+gt | clip+clip_fa | mt | mt+mt_fa
 Table 4:  --config.mcad.k=5 | 11 | 17
 """
@@ -37,9 +43,15 @@ def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
   if paper:   # paper 001 App. A: AdamW, lr 1e-4 (the ALBERT + MobileViT rows), warm-up + cosine
     config.optim.learning_rate = 1e-4
 
-  # The student's embedding width is the dual teacher's (configs/teacher.py: 256), so that
-  # L_CLIP_FA (eq. 17) can dot student features with teacher features: one student for every row.
-  config.model.embed_dim = 32 if tiny else 256
+  cpu = preset == "cpu"
+  # L_CLIP_FA (eq. 17) dots student features with the dual teacher's: the student's embedding
+  # width is that teacher's (cpu: runs/loopitr_itc, 128; paper: teacher.py:dual, 256; mobile:
+  # runs/lit_teacher, 256), one student for every row.
+  config.model.embed_dim = 32 if tiny else (128 if cpu else 256)
+  if cpu:   # the teachers read the student's token ids: all three tokenize as MiniLM does
+    tower_configs.minilm(config, "student/", layers=3)
+    # 2 CPU cores: the online cross teacher runs 2nk = 1,408 pairs a step
+    config.batch_size, config.train.num_steps = 64, 200
   if mobile:   # model.kind=dual: the towers are student/image_encoder, student/text_encoder
     tower_configs.efficientnet_lite0(config, "student/", MOBILE_INPUT_SIZE)
     tower_configs.minilm(config, "student/", MOBILE_TEXT_LAYERS)
@@ -61,10 +73,13 @@ def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
   ic.alpha_init = 1.0              # the paper gives none; 0 would stop g1 / g2's gradient
   ic.temperature_init = 0.07       # tau^T of the integrated teacher (eq. 3; learnt)
 
-  config.teachers.dual = base_config.teacher_section("workdir", "" if tiny else "runs/teacher_dual")
-  config.teachers.cross = base_config.teacher_section("workdir", "" if tiny else "runs/teacher")
-  if mobile:   # teachers that tokenize as MiniLM does (methods/mcad.py checks it): the LiT
-    # teacher (MiniLM-L6 + EfficientNet-Lite0, E = 256) and the MiniLM LoopITR run's cross encoder
+  dual, cross = {"tiny": ("", ""), "cpu": ("runs/loopitr_itc", "runs/cross_positions_s0"),
+                 "paper": ("runs/teacher_dual", "runs/teacher"),
+                 # teachers that tokenize as MiniLM does (methods/mcad.py checks it): the LiT
+                 # teacher (MiniLM-L6 + EfficientNet-Lite0, E = 256), the MiniLM LoopITR run
+                 "mobile": ("runs/lit_teacher", "runs/loopitr")}[preset]
+  config.teachers.dual = base_config.teacher_section("workdir", dual)
+  config.teachers.cross = base_config.teacher_section("workdir", cross)
+  if mobile:
     config.preset = "mobile"
-    config.teachers.dual.path, config.teachers.cross.path = "runs/lit_teacher", "runs/loopitr"
   return config

@@ -53,6 +53,13 @@ def test_default_presets_validate():
   towers = recipe_config("teacher", "towers")   # runs/loopitr_itc: the pretrained towers, ITC only
   assert towers.loopitr.itc_only_steps == towers.train.num_steps == 410
   assert recipe_config("teacher", "cross").init_from[0]["source"] == "workdir:runs/loopitr_itc"
+  # MCAD's cpu preset reads those two runs; its student tokenizes as they do, and embeds to the
+  # dual teacher's width (eq. 17 dots the two).
+  mcad = recipe_config("mcad", "cpu")
+  assert (mcad.teachers.dual.path, mcad.teachers.cross.path) == ("runs/loopitr_itc",
+                                                                 "runs/cross_positions_s0")
+  assert mcad.data.tokenizer == towers.data.tokenizer
+  assert mcad.model.embed_dim == towers.model.embed_dim == 128
   # The cross_on_dual preset starts from the :dual run's towers (config.init_from): a source that
   # does not exist stops the run before anything is built, naming the entry and the fix.
   cross = recipe_config("teacher", "cross_on_dual")
