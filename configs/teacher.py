@@ -25,7 +25,8 @@ the others widen all towers to 256 and deepen them to 4 layers (8 heads, MLP 512
          prenorm cross encoder with a learnt position per image token, ITM alone for 4000 steps
          on runs/loopitr_itc's frozen towers; re-ranking its dual top 4 lifts test t2i R@1
          from 72.0 to 78.9 / 78.6 (seeds 0 / 1), cross binding 97.9 / 97.6% (docs/results.md).
-         ~40 min here. The CPRD cross-teacher rows read it (configs/cprd.py:pretrained).
+         ~30-40 min here. The CPRD cross-teacher rows (configs/cprd.py:pretrained) and MCAD
+         (configs/mcad.py, `towers` its dual stream) read it.
          python -m jaxdistill.main --config=configs/teacher.py:cross --workdir=runs/cross_positions_s0
   cross_on_dual  the cross teacher before issue 12: the LoopITR network whose dual part starts
          from the `dual` preset's run (config.init_from: workdir runs/teacher_dual), 300 steps of

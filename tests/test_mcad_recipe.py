@@ -170,6 +170,37 @@ def test_trains_end_to_end_with_workdir_teachers(tmp_path):
   assert rows[-1]["step"] == 3 and np.isfinite(rows[-1]["mt_fa"]) and "alpha" in rows[-1]
 
 
+def test_cached_dual_teacher_trains_as_the_online_one(tmp_path):
+  """Deliver 4: the dual teacher's embeddings are per example, so --mode=cache_teacher's features
+  of the train split (teachers.dual.kind=cache, read from the batch) give the online teacher's
+  numbers, step by step, with the cross teacher still online (mt reads both)."""
+  from jaxdistill.teachers import cache
+  init_workdir(recipe_config("dual", "tiny"), str(tmp_path / "teacher_dual"), seed=1)
+  init_workdir(recipe_config("loopitr", "tiny"), str(tmp_path / "teacher_cross"), seed=2)
+
+  def config(kind, path):
+    c = recipe_config("mcad", "tiny")
+    c.mcad.loss = "gt+clip+clip_fa+mt"
+    c.teachers.dual.kind, c.teachers.dual.path = kind, path
+    c.teachers.cross.path = str(tmp_path / "teacher_cross")
+    c.train.num_steps, c.train.log_every, c.eval.split = 3, 1, "val"
+    return c
+
+  online = config("workdir", str(tmp_path / "teacher_dual"))
+  online.teacher_cache.teacher, online.teacher_cache.splits = "dual", "train"
+  written = cache.run(online, str(tmp_path / "cache"))
+  cached = config("cache", written["train"])
+  rows = {}
+  for name, c in (("online", online), ("cached", cached)):
+    methods.validate(c)
+    methods.train(c, str(tmp_path / name))
+    rows[name] = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
+  assert [r["step"] for r in rows["cached"]] == [1, 2, 3]
+  for want, got in zip(rows["online"], rows["cached"]):
+    for key in ("loss", "gt", "clip", "clip_fa", "mt", "ss_match"):
+      np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
 def test_mobile_preset_trains_from_the_packaged_weights(tmp_path):
   """configs/mcad.py:mobile (EfficientNet-Lite0 + MiniLM-L6's first 3 layers, both through
   init_from; embed_dim = the dual teacher's 256) validates and trains 2 steps of the L_GT row,
