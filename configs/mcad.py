@@ -2,9 +2,10 @@ r"""MCAD (paper 001): dual-encoder student, dual-stream + single-stream teachers
 trainable integration module; L_total = L_MT + L_MT_FA (eq. 7-9).
 
 Run (CPU preset, bundled benchmark; teachers = the benchmark's, configs/teacher.py: the dual
-stream is the pretrained towers after ITC, the single stream the cross encoder trained on them):
-  python -m jaxdistill.main --config=configs/teacher.py:towers --workdir=runs/loopitr_itc          # ~12 min
-  python -m jaxdistill.main --config=configs/teacher.py:cross --workdir=runs/cross_positions_s0    # ~40 min
+stream is the pretrained towers after ITC, ~12 min here, the single stream the cross encoder
+trained on them, ~30-40 min):
+  python -m jaxdistill.main --config=configs/teacher.py:towers --workdir=runs/loopitr_itc
+  python -m jaxdistill.main --config=configs/teacher.py:cross --workdir=runs/cross_positions_s0
   python -m jaxdistill.main --config=configs/mcad.py --workdir=runs/mcad
 Presets: --config=configs/mcad.py:tiny (seconds; tests set the teacher paths),
          :cpu (default: the student of `make train`'s dual encoder, MiniLM-L6's first 3 layers
@@ -43,12 +44,15 @@ def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
   if paper:   # paper 001 App. A: AdamW, lr 1e-4 (the ALBERT + MobileViT rows), warm-up + cosine
     config.optim.learning_rate = 1e-4
 
-  cpu = preset == "cpu"
-  # L_CLIP_FA (eq. 17) dots student features with the dual teacher's: the student's embedding
-  # width is that teacher's (cpu: runs/loopitr_itc, 128; paper: teacher.py:dual, 256; mobile:
-  # runs/lit_teacher, 256), one student for every row.
-  config.model.embed_dim = 32 if tiny else (128 if cpu else 256)
-  if cpu:   # the teachers read the student's token ids: all three tokenize as MiniLM does
+  # Per preset: the teachers' workdirs and the student's embedding width, which is the dual
+  # teacher's (L_CLIP_FA, eq. 17, dots student features with its features): one student for
+  # every row. The mobile teachers tokenize as MiniLM does (methods/mcad.py checks it): the LiT
+  # teacher (MiniLM-L6 + EfficientNet-Lite0) and the MiniLM LoopITR run.
+  dual, cross, config.model.embed_dim = {
+      "tiny": ("", "", 32), "cpu": ("runs/loopitr_itc", "runs/cross_positions_s0", 128),
+      "paper": ("runs/teacher_dual", "runs/teacher", 256),
+      "mobile": ("runs/lit_teacher", "runs/loopitr", 256)}[preset]
+  if preset == "cpu":   # the teachers read the student's token ids: all tokenize as MiniLM
     tower_configs.minilm(config, "student/", layers=3)
     # 2 CPU cores: the online cross teacher runs 2nk = 1,408 pairs a step
     config.batch_size, config.train.num_steps = 64, 200
@@ -73,11 +77,6 @@ def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
   ic.alpha_init = 1.0              # the paper gives none; 0 would stop g1 / g2's gradient
   ic.temperature_init = 0.07       # tau^T of the integrated teacher (eq. 3; learnt)
 
-  dual, cross = {"tiny": ("", ""), "cpu": ("runs/loopitr_itc", "runs/cross_positions_s0"),
-                 "paper": ("runs/teacher_dual", "runs/teacher"),
-                 # teachers that tokenize as MiniLM does (methods/mcad.py checks it): the LiT
-                 # teacher (MiniLM-L6 + EfficientNet-Lite0, E = 256), the MiniLM LoopITR run
-                 "mobile": ("runs/lit_teacher", "runs/loopitr")}[preset]
   config.teachers.dual = base_config.teacher_section("workdir", dual)
   config.teachers.cross = base_config.teacher_section("workdir", cross)
   if mobile:
